@@ -1,0 +1,189 @@
+"""One poll of one sync: fetch -> parse -> extract and fingerprint -> diff -> one commit.
+
+A run that fails in any way changes nothing: no events, no fingerprints, and above all no deletes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import aiohttp
+import orjson
+import structlog
+from xxhash import xxh3_128_digest
+
+from syncd import diff
+from syncd.config import Sync, scrub
+from syncd.errors import ParseError, RunError
+from syncd.fetch import fetch
+from syncd.store import Commit, OutboxEvent, RunRecord, Store
+
+log = structlog.get_logger("syncd.engine")
+
+INITIAL = "initial_sync"
+DELTA = "delta_sync"
+#: Bodies larger than this are parsed and diffed in a worker thread so the event loop stays
+#: responsive (health checks, other syncs' deliveries) during a 100k-record run.
+THREAD_THRESHOLD = 512 * 1024
+
+
+def new_id(prefix: str) -> str:
+    """`prefix_` + 32 hex digits: 48 bits of milliseconds (sortable by time) then 80 random bits."""
+    return f"{prefix}_{int(time.time() * 1000):012x}{os.urandom(10).hex()}"
+
+
+def iso_timestamp(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class RunResult:
+    """What one poll did. `events` are the webhook bodies, in the order they were queued."""
+
+    sync_id: str
+    run_id: str
+    outcome: str  # changed | unchanged | baseline | failed
+    sync_type: str | None = None
+    error: str | None = None
+    events: list[bytes] = field(default_factory=list)
+    records: int | None = None
+    new: int = 0
+    modified: int = 0
+    deleted: int = 0
+    invalid_ids: int = 0
+    duplicate_ids: int = 0
+    deletes_held: bool = False
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome != "failed"
+
+
+def parse_json(body: bytes):
+    """Strict RFC 8259 JSON (no NaN/Infinity, valid UTF-8, bounded nesting)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        start = body[:60].decode("utf-8", "replace")
+        start = " ".join(start.split())
+        hint = " (an HTML page: is the URL or the token right?)" if start.lstrip().startswith("<") else ""
+        raise ParseError(f"response is not valid JSON: {exc}; it starts with {start!r}{hint}") from None
+
+
+def _analyse(sync: Sync, body: bytes, old: dict[str, bytes], initial: bool):
+    document = parse_json(body)
+    snap = diff.snapshot(document, sync.id, sync.list_path, sync.id_path, sync.ignore_paths)
+    # Records we could not read may be among the "missing" ones: never delete on such a run.
+    allow_deletes = snap.invalid_ids == 0
+    changes = diff.changes(old, snap, initial=initial, allow_deletes=allow_deletes)
+    return snap, changes
+
+
+async def poll(sync: Sync, store: Store | None, session: aiohttp.ClientSession, *, max_bytes: int, dry_run: bool = False) -> RunResult:
+    """Run one poll of `sync` and commit its outcome (unless `dry_run`). Never raises for a failed run."""
+    run_id = new_id("run")
+    started = time.time()
+    t0 = time.perf_counter()
+    result = RunResult(sync.id, run_id, "failed")
+    with structlog.contextvars.bound_contextvars(sync=sync.id, run=run_id):
+        try:
+            await _poll(sync, store, session, max_bytes, dry_run, result, started)
+        except RunError as exc:
+            result.outcome, result.error, result.events = "failed", f"{exc.stage}: {exc.reason}", []
+            log.warning("poll failed", stage=exc.stage, error=exc.reason)
+        except Exception as exc:  # a bug must fail this run only, never the daemon or other syncs
+            result.outcome, result.error, result.events = "failed", f"internal error: {type(exc).__name__}: {scrub(str(exc), sync.secrets)}", []
+            log.exception("poll failed with an internal error; please report it", error=result.error)
+        result.duration = time.perf_counter() - t0
+        if result.outcome == "failed" and store is not None and not dry_run:
+            await store.record_run(_run_record(result, started))
+    return result
+
+
+async def _poll(sync: Sync, store: Store | None, session, max_bytes: int, dry_run: bool, result: RunResult, started: float) -> None:
+    state = await store.sync_state(sync.id) if store is not None else None
+    body = await fetch(session, sync, max_bytes=max_bytes)
+    body_hash = xxh3_128_digest(body)
+    same_shape = state is not None and state.baselined and state.shape == sync.shape
+    if same_shape and state.body_hash == body_hash:
+        # Byte-identical to the last good run: nothing can have changed.
+        result.outcome, result.sync_type, result.records = "unchanged", DELTA, state.record_count
+        if store is not None and not dry_run:
+            await store.record_run(_run_record(result, started))
+        log.debug("poll unchanged", records=state.record_count)
+        return
+
+    initial = state is None or not state.baselined
+    rebaseline = not initial and not same_shape
+    old = await store.fingerprints(state) if store is not None and not initial else {}
+    if len(body) > THREAD_THRESHOLD:
+        snap, changes = await asyncio.to_thread(_analyse, sync, body, old, initial)
+    else:
+        snap, changes = _analyse(sync, body, old, initial)
+
+    result.records = len(snap.fingerprints)
+    result.invalid_ids, result.duplicate_ids = snap.invalid_ids, snap.duplicate_ids
+    if snap.invalid_ids:
+        result.deletes_held = True
+        log.warning("records without a usable id were skipped; no record.deleted this run",
+                    skipped=snap.invalid_ids, examples=snap.invalid_examples, record_identifier=sync.id_path.text)
+    if snap.duplicate_ids:
+        log.warning("duplicate record ids were skipped after their first occurrence", skipped=snap.duplicate_ids)
+
+    if rebaseline:
+        log.info("list_identifier, record_identifier or ignore_fields changed: re-baselining without events",
+                 records=len(snap.fingerprints))
+        result.outcome, result.sync_type = "baseline", None
+        commit = Commit(_run_record(result, started), sync.shape, body_hash, upserts=snap.fingerprints,
+                        replace_all=True, record_count=len(snap.fingerprints))
+    else:
+        sync_type = INITIAL if initial else DELTA
+        now = time.time()
+        timestamp = iso_timestamp(now)
+        events: list[OutboxEvent] = []
+        dumps = orjson.dumps
+        for change in changes:
+            event_id = new_id("evt")
+            body_bytes = dumps({
+                "eventId": event_id,
+                "eventType": change.type,
+                "eventData": change.record,
+                "syncType": sync_type,
+                "syncJobId": sync.id,
+                "syncRunId": result.run_id,
+                "recordId": change.record_id,
+                "timestamp": timestamp,
+            })
+            events.append(OutboxEvent(event_id, sync.id, change.record_id, change.type, sync.spec.webhook_url, now, body_bytes))
+            if change.type == diff.NEW:
+                result.new += 1
+            elif change.type == diff.MODIFIED:
+                result.modified += 1
+            else:
+                result.deleted += 1
+        result.events = [e.body for e in events]
+        result.sync_type = sync_type
+        result.outcome = "changed" if events else "unchanged"
+        upserts, deletes = diff.apply(old, snap, changes)
+        record_count = len(old) + result.new - result.deleted
+        commit = Commit(_run_record(result, started), sync.shape, body_hash, upserts=upserts, deletes=deletes,
+                        events=events, record_count=record_count)
+    if store is not None and not dry_run:
+        commit.run = _run_record(result, started)
+        await store.commit_run(commit)
+    log.info("poll done", outcome=result.outcome, records=result.records, new=result.new,
+             modified=result.modified, deleted=result.deleted)
+
+
+def _run_record(result: RunResult, started: float) -> RunRecord:
+    return RunRecord(
+        run_id=result.run_id, sync_id=result.sync_id, started_at=started, finished_at=time.time(),
+        outcome=result.outcome, sync_type=result.sync_type, error=result.error, records=result.records,
+        new=result.new, modified=result.modified, deleted=result.deleted,
+        invalid_ids=result.invalid_ids, duplicate_ids=result.duplicate_ids,
+    )

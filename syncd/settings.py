@@ -1,0 +1,195 @@
+"""Daemon settings: defaults < settings file < $CREDENTIALS_DIRECTORY < SYNCD_* environment < command line."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, ByteSize, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from syncd.errors import ConfigError, Problem
+from syncd.units import Duration
+
+DEFAULT_SETTINGS_FILE = Path("/etc/syncd/syncd.toml")
+DEFAULT_RETRY_SCHEDULE = ["5s", "30s", "2m", "10m", "30m", "1h", "2h", "4h", "8h", "16h"]
+#: Settings that hold secrets: read from $CREDENTIALS_DIRECTORY/<name> too, and never printed.
+SECRET_SETTINGS = ("webhook_secret",)
+
+
+def _default_state_path() -> Path:
+    # systemd's StateDirectory= may list several directories separated by ':'; ours is the first.
+    state_dir = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(state_dir or "/var/lib/syncd") / "state.db"
+
+
+def _split_list(value: Any) -> Any:
+    """A list from TOML, or from the environment as JSON (`["5s","30s"]`) or commas (`5s,30s`)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import orjson
+
+            try:
+                return orjson.loads(text)
+            except orjson.JSONDecodeError as exc:
+                raise ValueError(f"invalid JSON list: {exc}") from None
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[::1]:PORT` or `:PORT` (all interfaces) into (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9731, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    elif ":" in host:
+        raise ValueError(f"write an IPv6 address in brackets, e.g. [::1]:9731, got {value!r}")
+    return host, int(port)
+
+
+class Settings(BaseSettings):
+    """How the daemon runs. Each setting is also `SYNCD_<NAME>` and `--<name-in-kebab-case>`."""
+
+    model_config = SettingsConfigDict(env_prefix="SYNCD_", extra="forbid", validate_default=True)
+
+    config_dir: Path = Field(Path("/etc/syncd/conf.d"), description="Directory of sync definitions (*.toml, one sync per file).")
+    state_path: Path = Field(default_factory=_default_state_path, description="SQLite state database (fingerprints, outbox, run history). Default: $STATE_DIRECTORY/state.db, else /var/lib/syncd/state.db.")
+    listen: str = Field("127.0.0.1:9731", description="HOST:PORT for /metrics, /healthz and /readyz.")
+    log_format: Literal["auto", "json", "console"] = Field("auto", description="auto = console on a TTY, JSON lines otherwise.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
+    webhook_concurrency: int = Field(16, ge=1, le=1024, description="Webhook deliveries in flight at once.")
+    webhook_timeout: Duration = Field(30.0, gt=0, description="Timeout of one delivery attempt.")
+    webhook_retry_schedule: Annotated[list[Duration], NoDecode, BeforeValidator(_split_list)] = Field(
+        DEFAULT_RETRY_SCHEDULE, description="Delays between delivery attempts (±20% jitter); after the last one an event becomes a dead letter."
+    )
+    webhook_secret: SecretStr | None = Field(None, description="Default signing secret (whsec_...) for syncs without their own.")
+    max_concurrent_polls: int = Field(16, ge=1, le=1024, description="Polls running at once across all syncs.")
+    allow_insecure_webhooks: bool = Field(False, description="Allow http:// webhook URLs to non-loopback hosts.")
+    max_response_bytes: ByteSize = Field(ByteSize(256 * 1024**2), gt=0, description="Largest API response accepted (after decompression); larger fails the run. Accepts 256MiB, 1GB, ...")
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _no_blank_secret(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        return (init_settings, env_settings, _CredentialsSource(settings_cls), _FileSource(settings_cls))
+
+
+class _CredentialsSource(PydanticBaseSettingsSource):
+    """Secrets handed over by systemd's LoadCredential= as files in $CREDENTIALS_DIRECTORY."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - required by the base class
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            return {}
+        found = {}
+        for name in SECRET_SETTINGS:
+            path = Path(directory) / name
+            if path.is_file():
+                found[name] = path.read_text(encoding="utf-8").rstrip("\r\n")
+        return found
+
+
+_settings_file_data: ContextVar[dict[str, Any]] = ContextVar("_settings_file_data", default={})
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The TOML settings file, already read by `load_settings` (so its errors carry the file name)."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - required by the base class
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_settings_file_data.get())
+
+
+def settings_file_path(explicit: str | Path | None) -> tuple[Path | None, bool]:
+    """The settings file to read and whether the user named it (then it must exist)."""
+    if explicit:
+        return Path(explicit), True
+    env = os.environ.get("SYNCD_SETTINGS_FILE")
+    if env:
+        return Path(env), True
+    return DEFAULT_SETTINGS_FILE, False
+
+
+def load_settings(overrides: dict[str, Any] | None = None, settings_file: str | Path | None = None) -> Settings:
+    """Read every settings source. Raises ConfigError listing every problem."""
+    path, required = settings_file_path(settings_file)
+    source = str(path) if path else "settings"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            if required:
+                raise ConfigError([Problem(source, "settings", "file not found (given by --settings or SYNCD_SETTINGS_FILE)")]) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([Problem(source, "settings", f"cannot read: {exc}")]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([toml_problem(source, exc)]) from None
+    token = _settings_file_data.set(data)
+    try:
+        return Settings(**(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(problems_from_validation(exc, source if data else "settings", env_prefix="SYNCD_")) from None
+    finally:
+        _settings_file_data.reset(token)
+
+
+def toml_problem(source: str, exc: tomllib.TOMLDecodeError) -> Problem:
+    """tomllib says '... (at line 3, column 7)'; put the line where a reader looks for it."""
+    message = str(exc)
+    key = "toml"
+    if "(at line " in message:
+        message, _, where = message.rpartition(" (at ")
+        line, _, column = where.rstrip(")").partition(", ")
+        key = line
+        message = f"invalid TOML: {message} ({column})"
+    else:
+        message = f"invalid TOML: {message}"
+    return Problem(source, key, message)
+
+
+def problems_from_validation(exc: ValidationError, source: str, env_prefix: str = "") -> list[Problem]:
+    """One Problem per pydantic error, with the dotted key the user wrote and a plain reason."""
+    problems = []
+    for err in exc.errors(include_url=False, include_input=False):
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        reason = err["msg"]
+        if err["type"] == "extra_forbidden":
+            reason = "unknown key (check the spelling; see the configuration reference in the README)"
+        elif err["type"] == "missing":
+            reason = "required key is missing"
+        elif reason.startswith("Value error, "):
+            reason = reason[len("Value error, "):]
+        problems.append(Problem(source, key, reason))
+    return problems

@@ -1,0 +1,336 @@
+"""The state database behind one narrow async interface: fingerprints, run history and the outbox.
+
+SQLite in WAL mode through aiosqlite. A successful run's fingerprints and its outbox events are
+written in ONE transaction, so after a crash at any moment a change is either recorded with its
+events or not at all (and then found again by the next run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+SCHEMA_VERSION = 1
+RUNS_KEPT = 100  # run history rows kept per sync
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS syncs (
+    sync_id         TEXT PRIMARY KEY,
+    shape           TEXT,
+    body_hash       BLOB,
+    generation      INTEGER NOT NULL DEFAULT 0,
+    baselined       INTEGER NOT NULL DEFAULT 0,
+    record_count    INTEGER NOT NULL DEFAULT 0,
+    last_run_at     REAL,
+    last_outcome    TEXT,
+    last_error      TEXT,
+    last_success_at REAL,
+    last_change_at  REAL,
+    next_run_at     REAL
+);
+CREATE TABLE IF NOT EXISTS records (
+    sync_id     TEXT NOT NULL,
+    record_id   TEXT NOT NULL,
+    fingerprint BLOB NOT NULL,
+    PRIMARY KEY (sync_id, record_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS runs (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id        TEXT NOT NULL,
+    sync_id       TEXT NOT NULL,
+    started_at    REAL NOT NULL,
+    finished_at   REAL NOT NULL,
+    outcome       TEXT NOT NULL,
+    sync_type     TEXT,
+    error         TEXT,
+    records       INTEGER,
+    new           INTEGER NOT NULL DEFAULT 0,
+    modified      INTEGER NOT NULL DEFAULT 0,
+    deleted       INTEGER NOT NULL DEFAULT 0,
+    invalid_ids   INTEGER NOT NULL DEFAULT 0,
+    duplicate_ids INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runs_by_sync ON runs (sync_id, seq);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id        TEXT NOT NULL UNIQUE,
+    sync_id         TEXT NOT NULL,
+    record_id       TEXT NOT NULL,
+    event_type      TEXT NOT NULL,
+    webhook_url     TEXT NOT NULL,
+    created_at      REAL NOT NULL,
+    body            BLOB NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_status     INTEGER,
+    last_error      TEXT,
+    dead_at         REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_by_record ON outbox (sync_id, record_id, seq);
+"""
+
+
+@dataclass
+class SyncState:
+    """What the store remembers of one sync between runs."""
+
+    sync_id: str
+    shape: str | None = None
+    body_hash: bytes | None = None
+    generation: int = 0
+    baselined: bool = False
+    record_count: int = 0
+    last_run_at: float | None = None
+    last_outcome: str | None = None
+    last_error: str | None = None
+    last_success_at: float | None = None
+    last_change_at: float | None = None
+    next_run_at: float | None = None
+
+
+@dataclass
+class RunRecord:
+    """One poll, as kept in the run history."""
+
+    run_id: str
+    sync_id: str
+    started_at: float
+    finished_at: float
+    outcome: str  # changed | unchanged | baseline | failed
+    sync_type: str | None = None
+    error: str | None = None
+    records: int | None = None
+    new: int = 0
+    modified: int = 0
+    deleted: int = 0
+    invalid_ids: int = 0
+    duplicate_ids: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    event_id: str
+    sync_id: str
+    record_id: str
+    event_type: str
+    webhook_url: str
+    created_at: float
+    body: bytes
+
+
+@dataclass
+class Commit:
+    """Everything a successful run writes, applied in one transaction."""
+
+    run: RunRecord
+    shape: str
+    body_hash: bytes
+    upserts: dict[str, bytes] = field(default_factory=dict)
+    deletes: list[str] = field(default_factory=list)
+    replace_all: bool = False  # re-baseline: drop every stored fingerprint first
+    record_count: int = 0  # fingerprints stored once the commit is applied
+    events: list[OutboxEvent] = field(default_factory=list)
+
+
+class Store:
+    """The state database. Open with `await Store.open(path)`; one instance per process."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+        # Fingerprints of each sync as of a generation: a poll of 100k records need not re-read
+        # 100k rows when nothing else (another syncd process, `syncd reset`) wrote them since.
+        self._cache: dict[str, tuple[int, dict[str, bytes]]] = {}
+        # One connection serves every task: transactions must not interleave on it.
+        self._tx_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path | str, *, readonly: bool = False) -> Store:
+        path = Path(path)
+        if readonly:
+            conn = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await conn.execute("PRAGMA busy_timeout = 10000")
+            if not readonly:
+                await conn.execute("PRAGMA journal_mode = WAL")
+                # WAL + NORMAL: a process crash loses nothing committed; a power cut may lose the
+                # last transactions whole, never half of one, which the next run finds again.
+                await conn.execute("PRAGMA synchronous = NORMAL")
+                await conn.executescript(_SCHEMA)
+                await conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            await conn.close()
+            raise
+        return cls(conn, path)
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def _transaction(self):
+        async with self._tx_lock:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+            await self._conn.execute("COMMIT")
+
+    # -- syncs ---------------------------------------------------------------------------------
+
+    async def sync_state(self, sync_id: str) -> SyncState:
+        rows = await self._conn.execute_fetchall(
+            "SELECT sync_id, shape, body_hash, generation, baselined, record_count, last_run_at, last_outcome, "
+            "last_error, last_success_at, last_change_at, next_run_at FROM syncs WHERE sync_id = ?",
+            (sync_id,),
+        )
+        if not rows:
+            return SyncState(sync_id)
+        row = list(rows[0])
+        row[4] = bool(row[4])
+        return SyncState(*row)
+
+    async def all_states(self) -> list[SyncState]:
+        rows = await self._conn.execute_fetchall("SELECT sync_id FROM syncs ORDER BY sync_id")
+        return [await self.sync_state(r[0]) for r in rows]
+
+    async def fingerprints(self, state: SyncState) -> dict[str, bytes]:
+        """Stored fingerprints of a sync. The returned dict must not be modified by the caller."""
+        cached = self._cache.get(state.sync_id)
+        if cached is not None and cached[0] == state.generation:
+            return cached[1]
+        rows = await self._conn.execute_fetchall(
+            "SELECT record_id, fingerprint FROM records WHERE sync_id = ?", (state.sync_id,)
+        )
+        fingerprints = dict(rows)
+        self._cache[state.sync_id] = (state.generation, fingerprints)
+        return fingerprints
+
+    async def commit_run(self, commit: Commit) -> None:
+        """Write a successful run: fingerprints, outbox events, sync row and history, atomically."""
+        run = commit.run
+        sid = run.sync_id
+        async with self._transaction() as conn:
+            if commit.replace_all:
+                await conn.execute("DELETE FROM records WHERE sync_id = ?", (sid,))
+            if commit.deletes:
+                await conn.executemany(
+                    "DELETE FROM records WHERE sync_id = ? AND record_id = ?", [(sid, rid) for rid in commit.deletes]
+                )
+            if commit.upserts:
+                await conn.executemany(
+                    "INSERT OR REPLACE INTO records (sync_id, record_id, fingerprint) VALUES (?, ?, ?)",
+                    [(sid, rid, fp) for rid, fp in commit.upserts.items()],
+                )
+            if commit.events:
+                await conn.executemany(
+                    "INSERT INTO outbox (event_id, sync_id, record_id, event_type, webhook_url, created_at, body) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(e.event_id, e.sync_id, e.record_id, e.event_type, e.webhook_url, e.created_at, e.body) for e in commit.events],
+                )
+            changed = bool(commit.events) or commit.replace_all or bool(commit.upserts) or bool(commit.deletes)
+            cursor = await conn.execute(
+                """
+                INSERT INTO syncs (sync_id, shape, body_hash, generation, baselined, record_count,
+                                   last_run_at, last_outcome, last_error, last_success_at, last_change_at)
+                VALUES (?1, ?2, ?3, 1, 1, ?4, ?5, ?6, NULL, ?5, CASE WHEN ?7 THEN ?5 END)
+                ON CONFLICT (sync_id) DO UPDATE SET
+                    shape = ?2, body_hash = ?3, generation = generation + 1, baselined = 1, record_count = ?4,
+                    last_run_at = ?5, last_outcome = ?6, last_error = NULL, last_success_at = ?5,
+                    last_change_at = CASE WHEN ?7 THEN ?5 ELSE last_change_at END
+                RETURNING generation
+                """,
+                (sid, commit.shape, commit.body_hash, commit.record_count, run.finished_at, run.outcome, changed),
+            )
+            generation = (await cursor.fetchone())[0]
+            await cursor.close()
+            await self._insert_run(run)
+        cached = self._cache.get(sid)
+        if cached is not None and cached[0] == generation - 1 and not commit.replace_all:
+            fingerprints = cached[1]
+            for rid in commit.deletes:
+                fingerprints.pop(rid, None)
+            fingerprints.update(commit.upserts)
+            self._cache[sid] = (generation, fingerprints)
+        elif commit.replace_all:
+            self._cache[sid] = (generation, dict(commit.upserts))
+        else:
+            self._cache.pop(sid, None)
+
+    async def record_run(self, run: RunRecord) -> None:
+        """Record a run that changed no fingerprints (failed, or unchanged response)."""
+        success = run.outcome != "failed"
+        async with self._transaction() as conn:
+            await conn.execute(
+                """
+                INSERT INTO syncs (sync_id, last_run_at, last_outcome, last_error, last_success_at)
+                VALUES (?1, ?2, ?3, ?4, CASE WHEN ?5 THEN ?2 END)
+                ON CONFLICT (sync_id) DO UPDATE SET
+                    last_run_at = ?2, last_outcome = ?3, last_error = ?4,
+                    last_success_at = CASE WHEN ?5 THEN ?2 ELSE last_success_at END
+                """,
+                (run.sync_id, run.finished_at, run.outcome, run.error, success),
+            )
+            await self._insert_run(run)
+
+    async def _insert_run(self, run: RunRecord) -> None:
+        await self._conn.execute(
+            "INSERT INTO runs (run_id, sync_id, started_at, finished_at, outcome, sync_type, error, records, new, "
+            "modified, deleted, invalid_ids, duplicate_ids) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (run.run_id, run.sync_id, run.started_at, run.finished_at, run.outcome, run.sync_type, run.error,
+             run.records, run.new, run.modified, run.deleted, run.invalid_ids, run.duplicate_ids),
+        )
+        await self._conn.execute(
+            "DELETE FROM runs WHERE sync_id = ?1 AND seq <= "
+            "(SELECT seq FROM runs WHERE sync_id = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
+            (run.sync_id, RUNS_KEPT),
+        )
+
+    async def runs(self, sync_id: str, limit: int = 20) -> list[RunRecord]:
+        rows = await self._conn.execute_fetchall(
+            "SELECT run_id, sync_id, started_at, finished_at, outcome, sync_type, error, records, new, modified, "
+            "deleted, invalid_ids, duplicate_ids FROM runs WHERE sync_id = ? ORDER BY seq DESC LIMIT ?",
+            (sync_id, limit),
+        )
+        return [RunRecord(*row) for row in rows]
+
+    async def reset(self, sync_id: str) -> bool:
+        """Forget a sync's fingerprints: its next run is an initial sync again. Outbox is kept."""
+        async with self._transaction() as conn:
+            await conn.execute("DELETE FROM records WHERE sync_id = ?", (sync_id,))
+            cursor = await conn.execute(
+                "UPDATE syncs SET shape = NULL, body_hash = NULL, baselined = 0, record_count = 0, "
+                "generation = generation + 1 WHERE sync_id = ?",
+                (sync_id,),
+            )
+            found = cursor.rowcount > 0
+        self._cache.pop(sync_id, None)
+        return found
+
+    # -- outbox --------------------------------------------------------------------------------
+
+    async def outbox(self, sync_id: str | None = None) -> list[OutboxEvent]:
+        """Every event still in the outbox (pending or dead), oldest first."""
+        query = "SELECT event_id, sync_id, record_id, event_type, webhook_url, created_at, body FROM outbox"
+        args: tuple = ()
+        if sync_id is not None:
+            query += " WHERE sync_id = ?"
+            args = (sync_id,)
+        rows = await self._conn.execute_fetchall(query + " ORDER BY seq", args)
+        return [OutboxEvent(*row) for row in rows]
