@@ -74,6 +74,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the events but write nothing to the state database")
     p.set_defaults(func=cmd_once)
 
+    p = sub.add_parser("run", parents=[common], help="run the daemon (polls, webhooks, /metrics)",
+                       description="Run the daemon: poll every sync in config_dir on its interval, deliver webhooks, "
+                                   "serve /metrics, /healthz, /readyz and /v1/syncs on --listen. Reloads config_dir "
+                                   "on changes and on SIGHUP; SIGTERM/SIGINT stop it gracefully (exit 0).")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", parents=[common], help="show each sync's last run, records, pending and dead events",
+                       description="Per sync: last run, outcome, record count, pending and dead webhook events, read "
+                                   "from the state database (works while the daemon runs).")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("reset", parents=[common], help="forget a sync's fingerprints (its next run is an initial sync)",
+                       description="Forget the stored fingerprints of sync ID: its next run sends every record as "
+                                   "record.new with syncType initial_sync. Queued webhooks are kept.")
+    p.add_argument("sync_id", metavar="ID")
+    p.set_defaults(func=cmd_reset)
+
+    p = sub.add_parser("deliveries", help="list, replay or purge undelivered webhook events (dead letters)",
+                       description="Inspect and manage webhook events that are not delivered yet. TIME is an ISO 8601 "
+                                   "time (2026-11-27T10:00:00Z, 2026-11-27) or a duration meaning that long ago (2h, 3d).")
+    dsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    d = dsub.add_parser("list", parents=[common], help="list pending events and dead letters")
+    d.add_argument("--sync", metavar="ID", help="only this sync")
+    d.add_argument("--dead", action="store_true", help="only dead letters")
+    d.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    d.add_argument("--limit", type=int, default=1000, help="at most this many rows (default 1000)")
+    d.set_defaults(func=cmd_deliveries_list)
+    d = dsub.add_parser("replay", parents=[common], help="put dead letters back in the queue with fresh attempts")
+    d.add_argument("--sync", metavar="ID", help="only this sync")
+    d.add_argument("--since", metavar="TIME", type=parse_time, help="only events that died at or after TIME")
+    d.add_argument("--event", metavar="EVENT_ID", help="only this event")
+    d.set_defaults(func=cmd_deliveries_replay)
+    d = dsub.add_parser("purge", parents=[common], help="delete dead letters for good")
+    d.add_argument("--dead", action="store_true", required=True, help="required: only dead letters can be purged")
+    d.add_argument("--before", metavar="TIME", type=parse_time, required=True, help="delete dead letters that died before TIME")
+    d.add_argument("--sync", metavar="ID", help="only this sync")
+    d.set_defaults(func=cmd_deliveries_purge)
+
+    p = sub.add_parser("demo", parents=[common], help="a self-contained showcase: fake API, webhook receiver, daemon",
+                       description="Start a local fake API whose records change over time, a local webhook receiver "
+                                   "that verifies signatures and prints every event, and the daemon between them, all "
+                                   "on 127.0.0.1 with a temporary state. Stop with Ctrl-C.")
+    p.add_argument("--duration", type=float, default=None, metavar="SECONDS", help="stop by itself after this long")
+    p.add_argument("--interval", default="2s", metavar="DURATION", help="poll interval of the demo sync (default 2s)")
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("secret", help="print a new random webhook signing secret (whsec_...)",
                        description="Print a fresh Standard Webhooks secret: whsec_ followed by base64 of 32 random bytes.")
     p.set_defaults(func=cmd_secret)
@@ -107,14 +154,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     syncs, problems = load_dir(settings)
     if problems:
         raise ConfigError(problems)
+    from syncd.signing import check_secret
+
+    default = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+    if default and (warning := check_secret(default)):
+        print(f"settings: webhook_secret: warning: {warning}", file=sys.stderr)
     for sync in syncs.values():
-        secret = sync.spec.webhook_secret or (settings.webhook_secret.get_secret_value() if settings.webhook_secret else None)
-        if secret and not secret.startswith("whsec_"):
-            print(f"{sync.file}: webhook_secret: warning: not a whsec_ secret; it is used as its UTF-8 bytes "
-                  "(generate one with 'syncd secret')", file=sys.stderr)
-    if settings.webhook_secret and not settings.webhook_secret.get_secret_value().startswith("whsec_"):
-        print("settings: webhook_secret: warning: not a whsec_ secret; it is used as its UTF-8 bytes "
-              "(generate one with 'syncd secret')", file=sys.stderr)
+        if sync.spec.webhook_secret and (warning := check_secret(sync.spec.webhook_secret)):
+            print(f"{sync.file}: webhook_secret: warning: {warning}", file=sys.stderr)
     if not args.quiet:
         n = len(syncs)
         print(f"syncd: configuration OK: {n} sync{'s' * (n != 1)} in {settings.config_dir}"
@@ -166,6 +213,226 @@ async def _once(settings: Settings, sync_id: str, dry_run: bool) -> int:
         print(f"syncd: poll of {sync_id} failed: {result.error}", file=sys.stderr)
         return EX_FAILURE
     return EX_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _load_settings(args)
+    _configure_logs(settings)
+    return asyncio.run(_serve(settings))
+
+
+async def _serve(settings: Settings, daemon=None) -> int:
+    import signal
+
+    import structlog
+
+    from syncd.daemon import Daemon
+    from syncd.systemd import Notifier
+
+    log = structlog.get_logger("syncd")
+    daemon = daemon or Daemon(settings, notifier=Notifier())
+    loop = asyncio.get_running_loop()
+    stops = 0
+
+    def on_stop(signame: str) -> None:
+        nonlocal stops
+        stops += 1
+        if stops > 1:
+            # A second Ctrl-C: leave now. Safe: every commit is one transaction; pending events stay queued.
+            log.warning("second stop signal: exiting immediately", signal=signame)
+            os._exit(130)
+        log.info("stop requested", signal=signame)
+        daemon.request_stop()
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
+    try:
+        await daemon.run()
+    except OSError as exc:
+        log.error("cannot start", error=str(exc),
+                  hint="check --listen (is the port free?) and that state_path's directory is writable")
+        return EX_FAILURE
+    return EX_OK
+
+
+def _open_state(settings: Settings):
+    from syncd.store import Store
+
+    if not settings.state_path.exists():
+        print(f"syncd: no state database at {settings.state_path} yet (nothing has run; check --state-path)", file=sys.stderr)
+        return None
+    return Store.open(settings.state_path)
+
+
+def _fmt_time(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import orjson
+
+    from syncd.config import load_dir
+
+    settings = _load_settings(args)
+    syncs, problems = load_dir(settings)
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+
+    async def collect():
+        opened = _open_state(settings)
+        if opened is None:
+            return [], {}
+        store = await opened
+        try:
+            return await store.all_states(), await store.outbox_stats()
+        finally:
+            await store.close()
+
+    states, stats = asyncio.run(collect())
+    by_id = {s.sync_id: s for s in states}
+    out = []
+    for sync_id in sorted(set(syncs) | set(by_id)):
+        state, s = by_id.get(sync_id), stats.get(sync_id)
+        out.append({
+            "id": sync_id,
+            "configured": sync_id in syncs,
+            "last_run_at": state.last_run_at if state else None,
+            "last_outcome": state.last_outcome if state else None,
+            "last_error": state.last_error if state else None,
+            "last_success_at": state.last_success_at if state else None,
+            "last_change_at": state.last_change_at if state else None,
+            "records": state.record_count if state else 0,
+            "pending_events": s.pending if s else 0,
+            "dead_events": s.dead if s else 0,
+        })
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps({"syncs": out}, option=orjson.OPT_INDENT_2) + b"\n")
+        return EX_OK
+    if not out:
+        print(f"no syncs in {settings.config_dir} and no state in {settings.state_path}")
+        return EX_OK
+    rows = [[o["id"] + ("" if o["configured"] else " (removed)"), _fmt_time(o["last_run_at"]), o["last_outcome"] or "never run",
+             str(o["records"]), str(o["pending_events"]), str(o["dead_events"]), (o["last_error"] or "")[:80]] for o in out]
+    print(_table(rows, ["SYNC", "LAST RUN", "OUTCOME", "RECORDS", "PENDING", "DEAD", "LAST ERROR"]))
+    return EX_OK
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    settings = _load_settings(args)
+
+    async def reset() -> bool | None:
+        opened = _open_state(settings)
+        if opened is None:
+            return None
+        store = await opened
+        try:
+            return await store.reset(args.sync_id)
+        finally:
+            await store.close()
+
+    found = asyncio.run(reset())
+    if not found:
+        print(f"syncd: no state for sync {args.sync_id!r} in {settings.state_path}; nothing to reset", file=sys.stderr)
+        return EX_USAGE
+    print(f"reset {args.sync_id}: fingerprints forgotten; its next run is an initial sync (every record sent as record.new)")
+    return EX_OK
+
+
+def parse_time(text: str) -> float:
+    """An ISO 8601 time or date, or a duration meaning that long ago."""
+    import time as _time
+    from datetime import datetime, timezone
+
+    from syncd.units import parse_duration
+
+    try:
+        return _time.time() - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid TIME {text!r}: use ISO 8601 (2026-11-27T10:00:00Z, 2026-11-27) or a duration ago (2h, 3d)"
+        ) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def _with_store(settings: Settings, fn):
+    async def go():
+        opened = _open_state(settings)
+        if opened is None:
+            return None
+        store = await opened
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def cmd_deliveries_list(args: argparse.Namespace) -> int:
+    import orjson
+
+    settings = _load_settings(args)
+    rows = _with_store(settings, lambda st: st.deliveries(sync_id=args.sync, dead_only=args.dead, limit=args.limit)) or []
+    if args.json:
+        data = [{
+            "eventId": d.event_id, "sync": d.sync_id, "recordId": d.record_id, "eventType": d.event_type,
+            "state": d.state, "attempts": d.attempts, "createdAt": _fmt_time(d.created_at),
+            "nextAttemptAt": None if d.dead_at else _fmt_time(d.next_attempt_at),
+            "deadAt": _fmt_time(d.dead_at) if d.dead_at else None, "lastStatus": d.last_status, "lastError": d.last_error,
+        } for d in rows]
+        sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+        return EX_OK
+    if not rows:
+        print("no undelivered events" + (" (dead letters)" if args.dead else ""))
+        return EX_OK
+    table = [[d.event_id, d.sync_id, d.record_id, d.event_type, d.state, str(d.attempts),
+              _fmt_time(d.dead_at if d.dead_at else d.next_attempt_at), (d.last_error or "")[:60]] for d in rows]
+    print(_table(table, ["EVENT", "SYNC", "RECORD", "TYPE", "STATE", "ATTEMPTS", "NEXT/DIED", "LAST ERROR"]))
+    return EX_OK
+
+
+def cmd_deliveries_replay(args: argparse.Namespace) -> int:
+    import time as _time
+
+    settings = _load_settings(args)
+    count = _with_store(settings, lambda st: st.replay(sync_id=args.sync, since=args.since, event_id=args.event, now=_time.time()))
+    if count is None:
+        return EX_USAGE
+    print(f"replayed {count} dead letter{'s' * (count != 1)}: queued again with fresh attempts"
+          + ("" if count else " (nothing matched)"))
+    return EX_OK
+
+
+def cmd_deliveries_purge(args: argparse.Namespace) -> int:
+    settings = _load_settings(args)
+    count = _with_store(settings, lambda st: st.purge_dead(before=args.before, sync_id=args.sync))
+    if count is None:
+        return EX_USAGE
+    print(f"purged {count} dead letter{'s' * (count != 1)}")
+    return EX_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from syncd.demo import run_demo
+
+    return asyncio.run(run_demo(args))
 
 
 def cmd_secret(args: argparse.Namespace) -> int:

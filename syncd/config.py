@@ -22,6 +22,7 @@ from yarl import URL
 
 from syncd.errors import ConfigError, Problem
 from syncd.jsonpath import JsonPath, JsonPathError, compile_path
+from syncd.signing import secret_key
 from syncd.settings import Settings, problems_from_validation, toml_problem
 from syncd.units import Duration
 
@@ -110,6 +111,13 @@ class SyncSpec(_Model):
     ignore_fields: list[str] = Field(default_factory=list, validation_alias=_alias("ignore_fields", "ignoreFields"), description="JSONPaths inside each record left out of the fingerprint (still sent in eventData).")
     webhook_secret: str | None = Field(None, repr=False, validation_alias=_alias("webhook_secret", "webhookSecret"), description="Signing secret for this sync; overrides the daemon's webhook_secret.")
     api_details: ApiDetails = Field(validation_alias=_alias("api_details", "apiDetails"), description="The request to send.")
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secret(cls, value: str | None) -> str | None:
+        if value is not None:
+            secret_key(value)
+        return value
 
     @field_validator("list_identifier", "record_identifier")
     @classmethod

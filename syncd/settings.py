@@ -13,6 +13,7 @@ from pydantic import BeforeValidator, ByteSize, Field, SecretStr, ValidationErro
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from syncd.errors import ConfigError, Problem
+from syncd.signing import secret_key
 from syncd.units import Duration
 
 DEFAULT_SETTINGS_FILE = Path("/etc/syncd/syncd.toml")
@@ -73,6 +74,7 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = Field(None, description="Default signing secret (whsec_...) for syncs without their own.")
     max_concurrent_polls: int = Field(16, ge=1, le=1024, description="Polls running at once across all syncs.")
     allow_insecure_webhooks: bool = Field(False, description="Allow http:// webhook URLs to non-loopback hosts.")
+    shutdown_timeout: Duration = Field(10.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight polls and deliveries may take to finish; what is left stays queued.")
     max_response_bytes: ByteSize = Field(ByteSize(256 * 1024**2), gt=0, description="Largest API response accepted (after decompression); larger fails the run. Accepts 256MiB, 1GB, ...")
 
     @field_validator("listen")
@@ -90,6 +92,13 @@ class Settings(BaseSettings):
     @classmethod
     def _no_blank_secret(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _usable_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            secret_key(value.get_secret_value())
+        return value
 
     @property
     def listen_address(self) -> tuple[str, int]:

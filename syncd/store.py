@@ -73,6 +73,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     dead_at         REAL
 );
 CREATE INDEX IF NOT EXISTS outbox_by_record ON outbox (sync_id, record_id, seq);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at, seq) WHERE dead_at IS NULL;
+CREATE INDEX IF NOT EXISTS outbox_dead ON outbox (dead_at) WHERE dead_at IS NOT NULL;
 """
 
 
@@ -124,6 +126,50 @@ class OutboxEvent:
     body: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class PendingEvent:
+    """An event ready for a delivery attempt."""
+
+    seq: int
+    event_id: str
+    sync_id: str
+    record_id: str
+    event_type: str
+    webhook_url: str
+    body: bytes
+    attempts: int
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """An undelivered event as `syncd deliveries list` shows it."""
+
+    seq: int
+    event_id: str
+    sync_id: str
+    record_id: str
+    event_type: str
+    webhook_url: str
+    created_at: float
+    attempts: int
+    next_attempt_at: float
+    last_status: int | None
+    last_error: str | None
+    dead_at: float | None
+
+    @property
+    def state(self) -> str:
+        return "dead" if self.dead_at is not None else "pending"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    pending: int
+    dead: int
+    oldest_pending_created_at: float | None
+
+
 @dataclass
 class Commit:
     """Everything a successful run writes, applied in one transaction."""
@@ -149,6 +195,8 @@ class Store:
         self._cache: dict[str, tuple[int, dict[str, bytes]]] = {}
         # One connection serves every task: transactions must not interleave on it.
         self._tx_lock = asyncio.Lock()
+        #: Set whenever this process adds deliverable events (a run's commit, a replay).
+        self.outbox_changed = asyncio.Event()
 
     @classmethod
     async def open(cls, path: Path | str, *, readonly: bool = False) -> Store:
@@ -261,6 +309,8 @@ class Store:
             generation = (await cursor.fetchone())[0]
             await cursor.close()
             await self._insert_run(run)
+        if commit.events:
+            self.outbox_changed.set()
         cached = self._cache.get(sid)
         if cached is not None and cached[0] == generation - 1 and not commit.replace_all:
             fingerprints = cached[1]
@@ -324,6 +374,101 @@ class Store:
         return found
 
     # -- outbox --------------------------------------------------------------------------------
+
+    async def due_events(self, now: float, limit: int) -> list[PendingEvent]:
+        """Deliverable events: due, not dead, and the oldest undelivered event of their record
+        (a later event of a record waits until the earlier one is delivered or dead)."""
+        rows = await self._conn.execute_fetchall(
+            """
+            SELECT o.seq, o.event_id, o.sync_id, o.record_id, o.event_type, o.webhook_url, o.body, o.attempts, o.created_at
+            FROM outbox o
+            WHERE o.dead_at IS NULL AND o.next_attempt_at <= ?
+              AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.sync_id = o.sync_id AND p.record_id = o.record_id
+                              AND p.seq < o.seq AND p.dead_at IS NULL)
+            ORDER BY o.next_attempt_at, o.seq
+            LIMIT ?
+            """,
+            (now, limit),
+        )
+        return [PendingEvent(*row) for row in rows]
+
+    async def next_due(self) -> float | None:
+        """When the earliest pending event is due (None when nothing is pending)."""
+        rows = await self._conn.execute_fetchall("SELECT MIN(next_attempt_at) FROM outbox WHERE dead_at IS NULL")
+        return rows[0][0]
+
+    async def record_attempts(self, delivered: list[int], retries: list[tuple], dead: list[tuple]) -> None:
+        """Persist delivery outcomes in one transaction.
+
+        delivered: seqs (removed from the outbox); retries: (attempts, next_attempt_at, status, error, seq);
+        dead: (attempts, dead_at, status, error, seq)."""
+        async with self._transaction() as conn:
+            if delivered:
+                await conn.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in delivered])
+            if retries:
+                await conn.executemany(
+                    "UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_status = ?, last_error = ? WHERE seq = ?",
+                    retries,
+                )
+            if dead:
+                await conn.executemany(
+                    "UPDATE outbox SET attempts = ?, dead_at = ?, last_status = ?, last_error = ? WHERE seq = ?", dead
+                )
+
+    async def outbox_stats(self) -> dict[str, OutboxStats]:
+        rows = await self._conn.execute_fetchall(
+            "SELECT sync_id, SUM(dead_at IS NULL), SUM(dead_at IS NOT NULL), "
+            "MIN(CASE WHEN dead_at IS NULL THEN created_at END) FROM outbox GROUP BY sync_id"
+        )
+        return {row[0]: OutboxStats(row[1], row[2], row[3]) for row in rows}
+
+    async def deliveries(self, *, sync_id: str | None = None, dead_only: bool = False, limit: int | None = None) -> list[Delivery]:
+        """Undelivered events (pending and dead letters), oldest first, for `syncd deliveries list`."""
+        where, args = self._where(sync_id=sync_id, dead=True if dead_only else None)
+        query = (
+            "SELECT seq, event_id, sync_id, record_id, event_type, webhook_url, created_at, attempts, next_attempt_at, "
+            f"last_status, last_error, dead_at FROM outbox {where} ORDER BY seq"
+        )
+        if limit:
+            query += f" LIMIT {int(limit)}"
+        rows = await self._conn.execute_fetchall(query, args)
+        return [Delivery(*row) for row in rows]
+
+    async def replay(self, *, sync_id: str | None = None, since: float | None = None, event_id: str | None = None, now: float) -> int:
+        """Put dead letters back in the queue with fresh attempts. Returns how many."""
+        where, args = self._where(sync_id=sync_id, dead=True, since=since, event_id=event_id)
+        async with self._transaction() as conn:
+            cursor = await conn.execute(
+                f"UPDATE outbox SET dead_at = NULL, attempts = 0, next_attempt_at = ?, last_status = NULL, "
+                f"last_error = NULL {where}", (now, *args)
+            )
+            count = cursor.rowcount
+        if count:
+            self.outbox_changed.set()
+        return count
+
+    async def purge_dead(self, *, before: float, sync_id: str | None = None) -> int:
+        """Delete dead letters that died before `before`. Returns how many."""
+        where, args = self._where(sync_id=sync_id, dead=True)
+        async with self._transaction() as conn:
+            cursor = await conn.execute(f"DELETE FROM outbox {where} AND dead_at < ?", (*args, before))
+            return cursor.rowcount
+
+    @staticmethod
+    def _where(*, sync_id=None, dead=None, since=None, event_id=None) -> tuple[str, tuple]:
+        clauses, args = [], []
+        if dead is True:
+            clauses.append("dead_at IS NOT NULL")
+        if sync_id is not None:
+            clauses.append("sync_id = ?")
+            args.append(sync_id)
+        if since is not None:
+            clauses.append("dead_at >= ?")
+            args.append(since)
+        if event_id is not None:
+            clauses.append("event_id = ?")
+            args.append(event_id)
+        return ("WHERE " + " AND ".join(clauses)) if clauses else "WHERE 1", tuple(args)
 
     async def outbox(self, sync_id: str | None = None) -> list[OutboxEvent]:
         """Every event still in the outbox (pending or dead), oldest first."""

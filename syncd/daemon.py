@@ -1,0 +1,330 @@
+"""`syncd run`: the long-running service. Embeddable: `await Daemon(settings).run()`.
+
+Signal handling lives in the CLI; it only calls `request_stop()` / `request_reload()`, which set
+events that the main loop reacts to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import aiohttp
+import structlog
+
+from syncd import server
+from syncd.config import Sync, definition_files, load_dir
+from syncd.delivery import Deliverer, Target
+from syncd.engine import RunResult, poll
+from syncd.fetch import USER_AGENT, client_session
+from syncd.metrics import Metrics
+from syncd.scheduler import Scheduler
+from syncd.settings import Settings
+from syncd.store import Store
+from syncd.systemd import Notifier
+
+log = structlog.get_logger("syncd.daemon")
+
+WATCH_INTERVAL = 0.5  # seconds between looks at config_dir
+SETTLE = 0.3  # a changed file must stay unchanged this long before it is read (editors, half-written files)
+STATS_INTERVAL = 2.0
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, notifier: Notifier | None = None) -> None:
+        self.settings = settings
+        self.notifier = notifier or Notifier({})
+        self.metrics = Metrics()
+        self.syncs: dict[str, Sync] = {}
+        self._file_ids: dict[Path, str] = {}  # file -> id of its last good version
+        self._targets: dict[str, Target] = {}  # every sync seen, removed ones included
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._ready = False
+        self._store: Store | None = None
+        self._scheduler: Scheduler | None = None
+        self._pending_total = 0
+        self._dead_total = 0
+        self.address: tuple[str, int] | None = None  # where /metrics listens once started
+
+    # -- control (safe to call from signal handlers) ------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    # -- main ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        settings = self.settings
+        self._store = store = await Store.open(settings.state_path)
+        poll_session = client_session()
+        hook_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=settings.webhook_concurrency, limit_per_host=0),
+            headers={"User-Agent": USER_AGENT},
+        )
+        runner = None
+        tasks: list[asyncio.Task] = []
+        deliver_stop = asyncio.Event()
+        try:
+            self._apply_config(startup=True)
+            states = await store.all_states()
+            last_runs = {s.sync_id: s.last_run_at for s in states if s.last_run_at}
+            app = server.build_app(self.metrics, ready=self._readiness, syncs_status=self.syncs_status)
+            host, port = settings.listen_address
+            runner = await server.start(app, host, port)
+            self.address = runner.addresses[0][:2] if runner.addresses else (host, port)
+
+            async def run_poll(sync: Sync) -> RunResult:
+                result = await poll(sync, store, poll_session, max_bytes=int(settings.max_response_bytes))
+                self._observe(result)
+                return result
+
+            self._scheduler = Scheduler(run_poll, max_concurrent=settings.max_concurrent_polls, last_runs=last_runs)
+            self._scheduler.update(self.syncs, startup=True)
+            deliverer = Deliverer(store, hook_session, concurrency=settings.webhook_concurrency,
+                                  timeout=settings.webhook_timeout, schedule=settings.webhook_retry_schedule,
+                                  target=self._target, metrics=self.metrics)
+            delivery_task = asyncio.create_task(deliverer.run(deliver_stop), name="delivery")
+            tasks = [
+                asyncio.create_task(self._watch_config(), name="config-watch"),
+                asyncio.create_task(self._stats(), name="stats"),
+            ]
+            if self.notifier.watchdog_interval:
+                tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval), name="watchdog"))
+            self._ready = True
+            log.info("syncd started", syncs=len(self.syncs), listen=f"{self.address[0]}:{self.address[1]}",
+                     state=str(settings.state_path), config_dir=str(settings.config_dir))
+            self.notifier.ready(self._status_line())
+
+            while not self._stop.is_set():
+                await _wait_first(self._stop, self._reload, delivery_task)
+                if delivery_task.done():
+                    delivery_task.result()  # the deliverer never ends on its own: surface why it did
+                    raise RuntimeError("webhook delivery stopped unexpectedly")
+                if self._reload.is_set() and not self._stop.is_set():
+                    self._reload.clear()
+                    self.notifier.reloading()
+                    self._apply_config()
+                    self.notifier.ready(self._status_line())
+
+            log.info("stopping: no new polls; finishing in-flight work", timeout=settings.shutdown_timeout)
+            self.notifier.stopping()
+            self._ready = False
+            # Polls and deliveries wind down together within one shutdown_timeout. A cancelled poll
+            # commits nothing; an unfinished delivery stays queued for the next start.
+            deliver_stop.set()
+            await asyncio.gather(self._scheduler.stop(timeout=settings.shutdown_timeout), delivery_task)
+            log.info("syncd stopped", delivered=deliverer.delivered)
+        finally:
+            deliver_stop.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._scheduler is not None:
+                await self._scheduler.stop(timeout=0)
+            if runner is not None:
+                await runner.cleanup()
+            await poll_session.close()
+            await hook_session.close()
+            await store.close()
+            self.notifier.close()
+
+    # -- configuration ------------------------------------------------------------------------
+
+    def _apply_config(self, *, startup: bool = False) -> None:
+        """Load config_dir. Invalid files keep their last good version running."""
+        settings = self.settings
+        syncs, problems = load_dir(settings)
+        bad_files = {Path(p.source) for p in problems}
+        if any(p.key == "config_dir" for p in problems):
+            syncs = dict(self.syncs)  # the directory vanished: keep everything as it was
+        else:
+            present = set(definition_files(settings.config_dir))
+            for path in bad_files & present:
+                old_id = self._file_ids.get(path)
+                if old_id and old_id in self.syncs and old_id not in syncs:
+                    syncs[old_id] = self.syncs[old_id]
+        for problem in problems:
+            kept = self._file_ids.get(Path(problem.source))
+            log.error("invalid sync definition", file=problem.source, key=problem.key, reason=problem.reason,
+                      kept_last_good=kept if kept in syncs else None)
+        if not startup:
+            self.metrics.reloads.inc()
+            if problems:
+                self.metrics.reload_failures.inc()
+        self.metrics.config_problems.set(len(problems))
+
+        added = syncs.keys() - self.syncs.keys()
+        removed = self.syncs.keys() - syncs.keys()
+        changed = [i for i in syncs.keys() & self.syncs.keys() if syncs[i].digest != self.syncs[i].digest]
+        self._file_ids = {s.file: s.id for s in syncs.values()}
+        self.syncs = syncs
+        for sync in syncs.values():
+            self._targets[sync.id] = Target(sync.spec.webhook_url, self._secret(sync))
+            self.metrics.add_sync(sync.id)
+        for sync_id in removed:
+            self.metrics.remove_sync(sync_id)
+        self.metrics.syncs.set(len(syncs))
+        if self._scheduler is not None:
+            self._scheduler.update(syncs)
+        if not startup or syncs:
+            log.info("configuration loaded", syncs=len(syncs), added=sorted(added), removed=sorted(removed),
+                     changed=sorted(changed), problems=len(problems))
+
+    def _secret(self, sync: Sync) -> str | None:
+        if sync.spec.webhook_secret:
+            return sync.spec.webhook_secret
+        default = self.settings.webhook_secret
+        return default.get_secret_value() if default else None
+
+    def _target(self, sync_id: str) -> Target:
+        target = self._targets.get(sync_id)
+        if target is None:
+            default = self.settings.webhook_secret
+            return Target(None, default.get_secret_value() if default else None)
+        return target
+
+    async def _watch_config(self) -> None:
+        """Reload when a *.toml in config_dir is added, changed or removed (stat polling)."""
+        seen = _snapshot(self.settings.config_dir)
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            now = _snapshot(self.settings.config_dir)
+            if now == seen:
+                continue
+            # Wait until the directory settles: editors write temporaries and rename them into place.
+            for _ in range(10):
+                await asyncio.sleep(SETTLE)
+                again = _snapshot(self.settings.config_dir)
+                if again == now:
+                    break
+                now = again
+            seen = now
+            log.info("config_dir changed; reloading")
+            self.request_reload()
+
+    # -- observation ---------------------------------------------------------------------------
+
+    def _observe(self, result: RunResult) -> None:
+        m, sid = self.metrics, result.sync_id
+        if not m.known(sid):
+            return
+        m.polls.labels(sid).inc()
+        m.poll_duration.labels(sid).observe(result.duration)
+        if not result.ok:
+            m.poll_failures.labels(sid).inc()
+            m.sync_up.labels(sid).set(0)
+            return
+        now = time.time()
+        m.sync_up.labels(sid).set(1)
+        m.last_success.labels(sid).set(now)
+        if result.records is not None:
+            m.records.labels(sid).set(result.records)
+        for event_type, count in (("record.new", result.new), ("record.modified", result.modified), ("record.deleted", result.deleted)):
+            if count:
+                m.events.labels(sid, event_type).inc(count)
+        if result.events:
+            m.last_change.labels(sid).set(now)
+        if result.invalid_ids:
+            m.skipped.labels(sid, "invalid_id").inc(result.invalid_ids)
+        if result.duplicate_ids:
+            m.skipped.labels(sid, "duplicate_id").inc(result.duplicate_ids)
+
+    async def _stats(self) -> None:
+        while True:
+            try:
+                stats = await self._store.outbox_stats()
+            except Exception:
+                log.exception("could not read outbox statistics")
+                stats = None
+            if stats is not None:
+                now = time.time()
+                self._pending_total = sum(s.pending for s in stats.values())
+                self._dead_total = sum(s.dead for s in stats.values())
+                for sync_id in self.syncs:
+                    if not self.metrics.known(sync_id):
+                        continue
+                    s = stats.get(sync_id)
+                    self.metrics.queue_depth.labels(sync_id).set(s.pending if s else 0)
+                    self.metrics.dead_letters.labels(sync_id).set(s.dead if s else 0)
+                    oldest = s.oldest_pending_created_at if s else None
+                    self.metrics.oldest_pending.labels(sync_id).set(max(0.0, now - oldest) if oldest else 0)
+                self.notifier.status(self._status_line())
+            await asyncio.sleep(STATS_INTERVAL)
+
+    async def _watchdog(self, interval: float) -> None:
+        # Pinged from the event loop itself: a blocked loop stops the pings and systemd restarts us.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    def _status_line(self) -> str:
+        running = self._scheduler.running_polls() if self._scheduler else 0
+        return (f"{len(self.syncs)} syncs, {running} polling, {self._pending_total} webhooks pending, "
+                f"{self._dead_total} dead")
+
+    def _readiness(self) -> tuple[bool, str]:
+        if not self._ready:
+            return False, "not ready: starting or stopping"
+        return True, f"ready: {len(self.syncs)} syncs"
+
+    async def syncs_status(self) -> list[dict]:
+        store = self._store
+        stats = await store.outbox_stats()
+        out = []
+        for sync_id, sync in sorted(self.syncs.items()):
+            state = await store.sync_state(sync_id)
+            s = stats.get(sync_id)
+            out.append({
+                "id": sync_id,
+                "file": str(sync.file),
+                "url": sync.display_url,
+                "interval_seconds": sync.spec.interval,
+                "last_run_at": state.last_run_at,
+                "last_outcome": state.last_outcome,
+                "last_error": state.last_error,
+                "last_success_at": state.last_success_at,
+                "last_change_at": state.last_change_at,
+                "records": state.record_count,
+                "pending_events": s.pending if s else 0,
+                "dead_events": s.dead if s else 0,
+            })
+        return out
+
+
+def _snapshot(config_dir: Path) -> dict[str, tuple[int, int, int]]:
+    try:
+        files = definition_files(config_dir)
+    except OSError:
+        return {}
+    out = {}
+    for path in files:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        out[path.name] = (st.st_mtime_ns, st.st_size, st.st_ino)
+    return out
+
+
+async def _wait_first(*waitables) -> None:
+    futures = []
+    for w in waitables:
+        if isinstance(w, asyncio.Event):
+            if w.is_set():
+                return
+            futures.append(asyncio.ensure_future(w.wait()))
+        else:
+            if w.done():
+                return
+            futures.append(w)
+    try:
+        await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for f in futures:
+            if f not in waitables:
+                f.cancel()

@@ -1,0 +1,267 @@
+"""Webhook delivery from the outbox: at least once, signed, ordered per record, retried, dead letters.
+
+A dispatcher claims due events (only the oldest undelivered event of each record), workers POST
+them with bounded concurrency, and one writer persists outcomes in batches. A record stays
+claimed until its outcome is committed, so the next event of that record is never sent before
+the earlier one is recorded as delivered or dead — not even across a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+import aiohttp
+import structlog
+
+from syncd.fetch import USER_AGENT
+from syncd.metrics import Metrics
+from syncd.signing import sign_headers
+from syncd.store import PendingEvent, Store
+
+log = structlog.get_logger("syncd.delivery")
+
+IDLE_RECHECK = 1.0  # seconds between outbox checks when idle (events written by other processes)
+BATCH = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where and how to deliver a sync's events."""
+
+    url: str | None  # None: use the URL stored with the event
+    secret: str | None
+
+
+@dataclass(slots=True)
+class Outcome:
+    event: PendingEvent
+    ok: bool
+    status: int | None = None
+    error: str | None = None
+    retry_after: float | None = None
+    gone: bool = False
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def next_delay(attempts: int, schedule: list[float], retry_after: float | None, rnd: random.Random = random._inst) -> float | None:
+    """Delay before the next attempt after `attempts` failed attempts; None when the schedule is exhausted."""
+    if attempts > len(schedule):
+        return None
+    scheduled = schedule[attempts - 1]
+    if retry_after is not None:
+        # Honour the receiver's Retry-After, but never beyond twice our own next delay.
+        return min(retry_after, scheduled * 2)
+    return scheduled * rnd.uniform(0.8, 1.2)
+
+
+class Deliverer:
+    """Delivers the outbox until `stop` is set. Embeddable: `await Deliverer(...).run(stop)`."""
+
+    def __init__(self, store: Store, session: aiohttp.ClientSession, *, concurrency: int, timeout: float,
+                 schedule: list[float], target: Callable[[str], Target], metrics: Metrics | None = None,
+                 drain_timeout: float = 10.0) -> None:
+        self.store = store
+        self.session = session
+        self.concurrency = concurrency
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.schedule = list(schedule)
+        self.target = target
+        self.metrics = metrics
+        #: At stop, how long in-flight attempts may take before they are cancelled (and stay queued).
+        self.drain_timeout = drain_timeout
+        self._claimed: set[int] = set()  # seqs read and not yet committed
+        self._claimed_records: set[tuple[str, str]] = set()
+        self._ready: deque[PendingEvent] = deque()
+        self._results: asyncio.Queue[Outcome] = asyncio.Queue()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self.delivered = 0
+        self.failed_attempts = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        writer = asyncio.create_task(self._writer(), name="delivery-writer")
+        try:
+            await self._dispatch(stop)
+        finally:
+            # Let in-flight attempts finish (bounded), persist what they achieved, leave the rest queued.
+            pending = set(self._tasks)
+            if pending:
+                log.info("waiting for in-flight deliveries", in_flight=len(pending), timeout=self.drain_timeout)
+                done, not_done = await asyncio.wait(pending, timeout=self.drain_timeout)
+                for task in not_done:
+                    task.cancel()
+                if not_done:
+                    await asyncio.wait(not_done)
+                    log.warning("in-flight deliveries cancelled at shutdown; they stay queued", cancelled=len(not_done))
+            await self._results.join()
+            writer.cancel()
+            try:
+                await writer
+            except asyncio.CancelledError:
+                pass
+
+    async def _dispatch(self, stop: asyncio.Event) -> None:
+        store = self.store
+        while not stop.is_set():
+            if not self._ready:
+                await self._refill()
+            started = False
+            while self._ready and not stop.is_set() and not self._slots.locked():
+                event = self._ready.popleft()
+                await self._slots.acquire()
+                task = asyncio.create_task(self._attempt(event))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                started = True
+            if started and self._ready:
+                continue
+            timeout = IDLE_RECHECK
+            if not self._ready and not self._slots.locked():
+                due = await store.next_due()
+                if due is not None and not self._tasks and not self._claimed:
+                    timeout = min(IDLE_RECHECK, max(0.0, due - time.time()))
+            await _wait_any([self._wake, store.outbox_changed, stop], timeout)
+            self._wake.clear()
+            store.outbox_changed.clear()
+
+    async def _refill(self) -> None:
+        rows = await self.store.due_events(time.time(), len(self._claimed) + BATCH)
+        for event in rows:
+            key = (event.sync_id, event.record_id)
+            if event.seq in self._claimed or key in self._claimed_records:
+                continue
+            self._claimed.add(event.seq)
+            self._claimed_records.add(key)
+            self._ready.append(event)
+
+    async def _attempt(self, event: PendingEvent) -> None:
+        try:
+            outcome = await self._post(event)
+        except asyncio.CancelledError:
+            # Shutdown: the attempt's result is unknown; the event stays queued and is sent again.
+            self._release([event])
+            raise
+        finally:
+            self._slots.release()
+            self._wake.set()
+        self._results.put_nowait(outcome)
+
+    async def _post(self, event: PendingEvent) -> Outcome:
+        target = self.target(event.sync_id)
+        url = target.url or event.webhook_url
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+        if target.secret:
+            headers.update(sign_headers(target.secret, event.event_id, int(time.time()), event.body))
+        t0 = time.perf_counter()
+        try:
+            async with self.session.post(url, data=event.body, headers=headers, allow_redirects=False,
+                                         timeout=self.timeout) as resp:
+                status = resp.status
+                if 200 <= status < 300:
+                    return Outcome(event, True, status)
+                detail = await _snippet(resp)
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time()) if status in (429, 503) else None
+                if 300 <= status < 400:
+                    where = resp.headers.get("Location", "")
+                    error = f"HTTP {status} redirect to {where!r} (redirects are not followed; fix webhook_url)"
+                else:
+                    error = f"HTTP {status}{detail}"
+                return Outcome(event, False, status, error, retry_after, gone=status == 410)
+        except asyncio.TimeoutError:
+            return Outcome(event, False, None, f"no response within webhook_timeout ({self.timeout.total:g}s)")
+        except aiohttp.ClientConnectorError as exc:
+            return Outcome(event, False, None, f"cannot connect to {exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error}")
+        except aiohttp.ClientError as exc:
+            return Outcome(event, False, None, f"{type(exc).__name__}: {exc}")
+        finally:
+            if self.metrics is not None and self.metrics.known(event.sync_id):
+                self.metrics.delivery_duration.labels(event.sync_id).observe(time.perf_counter() - t0)
+
+    async def _writer(self) -> None:
+        """Persist outcomes in batches: one transaction for everything that finished meanwhile."""
+        while True:
+            batch = [await self._results.get()]
+            while not self._results.empty():
+                batch.append(self._results.get_nowait())
+            try:
+                await self._persist(batch)
+            except Exception:
+                log.exception("could not record delivery outcomes; the events stay queued and will be sent again")
+            finally:
+                self._release([o.event for o in batch])
+                for _ in batch:
+                    self._results.task_done()
+                self._wake.set()
+
+    async def _persist(self, batch: list[Outcome]) -> None:
+        now = time.time()
+        delivered, retries, dead = [], [], []
+        metrics = self.metrics
+        for o in batch:
+            e = o.event
+            counted = metrics is not None and metrics.known(e.sync_id)
+            if o.ok:
+                delivered.append(e.seq)
+                self.delivered += 1
+                if counted:
+                    metrics.deliveries.labels(e.sync_id).inc()
+                continue
+            self.failed_attempts += 1
+            if counted:
+                metrics.delivery_failures.labels(e.sync_id).inc()
+            attempts = e.attempts + 1
+            delay = None if o.gone else next_delay(attempts, self.schedule, o.retry_after)
+            if delay is None:
+                dead.append((attempts, now, o.status, o.error, e.seq))
+                log.warning("event is now a dead letter", sync=e.sync_id, event_id=e.event_id, record_id=e.record_id,
+                            attempts=attempts, error=o.error,
+                            hint="replay with: syncd deliveries replay --event " + e.event_id)
+            else:
+                retries.append((attempts, now + delay, o.status, o.error, e.seq))
+                log.info("delivery failed; will retry", sync=e.sync_id, event_id=e.event_id, attempts=attempts,
+                         retry_in=round(delay, 3), error=o.error)
+        await self.store.record_attempts(delivered, retries, dead)
+
+    def _release(self, events: list[PendingEvent]) -> None:
+        for e in events:
+            self._claimed.discard(e.seq)
+            self._claimed_records.discard((e.sync_id, e.record_id))
+
+
+async def _snippet(resp: aiohttp.ClientResponse) -> str:
+    try:
+        text = (await resp.content.read(200)).decode("utf-8", "replace")
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return ""
+    text = " ".join(text.split())
+    return f": {text}" if text else ""
+
+
+async def _wait_any(events: list[asyncio.Event], timeout: float) -> None:
+    if any(e.is_set() for e in events):
+        return
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()

@@ -1,0 +1,44 @@
+"""Webhook signatures: Standard Webhooks (`webhook-*` headers) and Knit's `X-Knit-Signature`."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+
+PREFIX = "whsec_"
+
+
+def secret_key(secret: str) -> bytes:
+    """The HMAC key of a secret: the decoded bytes of `whsec_<base64>`, else the secret's UTF-8 bytes."""
+    if secret.startswith(PREFIX):
+        try:
+            return base64.b64decode(secret[len(PREFIX):], validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("a whsec_ secret must be followed by base64 (generate one with 'syncd secret')") from None
+    return secret.encode()
+
+
+def check_secret(secret: str) -> str | None:
+    """A warning about a usable but unusual secret, or None. Raises ValueError if unusable."""
+    key = secret_key(secret)
+    if not secret.startswith(PREFIX):
+        return "not a whsec_ secret; it is used as its UTF-8 bytes (generate one with 'syncd secret')"
+    if not 24 <= len(key) <= 64:
+        return f"Standard Webhooks secrets are 24 to 64 bytes; this one is {len(key)}"
+    return None
+
+
+def sign_headers(secret: str, event_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    """The signature headers of one delivery attempt."""
+    key = secret_key(secret)
+    signed = f"{event_id}.{timestamp}.".encode() + body
+    standard = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    knit = base64.urlsafe_b64encode(hmac.new(secret.encode(), body, hashlib.sha256).digest()).rstrip(b"=").decode()
+    return {
+        "webhook-id": event_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": f"v1,{standard}",
+        "X-Knit-Signature": knit,
+    }
