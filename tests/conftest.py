@@ -102,3 +102,60 @@ async def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float 
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     return proc.returncode, out.decode(), err.decode()
+
+
+@dataclass
+class Receiver:
+    """A local webhook receiver. `respond(event, attempt)` returns (status, headers) or awaits."""
+
+    url: str = ""
+    received: list[dict[str, Any]] = field(default_factory=list)
+    respond: Any = None
+    attempts: dict[str, int] = field(default_factory=dict)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        event = orjson.loads(body) if body else None
+        event_id = event["eventId"] if isinstance(event, dict) else ""
+        self.attempts[event_id] = self.attempts.get(event_id, 0) + 1
+        entry = {"at": asyncio.get_running_loop().time(), "path": request.path, "headers": dict(request.headers),
+                 "body": body, "event": event, "attempt": self.attempts[event_id]}
+        status, headers = 204, {}
+        if self.respond is not None:
+            answer = self.respond(entry)
+            if asyncio.iscoroutine(answer):
+                answer = await answer
+            if answer is not None:
+                status, headers = answer
+        entry["status"] = status
+        self.received.append(entry)
+        return web.Response(status=status, headers=headers)
+
+    def delivered(self) -> list[dict[str, Any]]:
+        return [r["event"] for r in self.received if 200 <= r["status"] < 300 and r["path"] == "/hook"]
+
+
+@pytest.fixture
+async def receiver():
+    hook = Receiver()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", hook.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    hook.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        yield hook
+    finally:
+        await runner.cleanup()
+
+
+async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> None:
+    """Wait until `predicate()` is true; fail after `timeout` seconds (a bounded loop, never a sleep-and-hope)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
