@@ -87,7 +87,8 @@ class Daemon:
             self._scheduler.update(self.syncs, startup=True)
             deliverer = Deliverer(store, hook_session, concurrency=settings.webhook_concurrency,
                                   timeout=settings.webhook_timeout, schedule=settings.webhook_retry_schedule,
-                                  target=self._target, metrics=self.metrics)
+                                  target=self._target, metrics=self.metrics,
+                                  drain_timeout=settings.shutdown_timeout)
             delivery_task = asyncio.create_task(deliverer.run(deliver_stop), name="delivery")
             tasks = [
                 asyncio.create_task(self._watch_config(), name="config-watch"),

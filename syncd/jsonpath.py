@@ -77,7 +77,8 @@ class _SafeParent(rw.Parent):
 
 
 def _guard(node: Any) -> None:
-    """Swap jsonpath-rw's Index and Slice nodes for guarded ones, in place, through the whole tree."""
+    """Swap jsonpath-rw's Index, Slice and Parent nodes for guarded ones, in place, through the whole
+    tree; reject `&`, which jsonpath-rw parses but cannot evaluate."""
     if type(node) is rw.Index:
         node.__class__ = _SafeIndex
     elif type(node) is rw.Slice:
@@ -193,7 +194,7 @@ class JsonPath:
                     steps.append(p.fields[0])
                 elif isinstance(p, rw.Index):
                     steps.append(p.index)
-                else:  # a step we cannot address (e.g. a Slice-wrapped scalar)
+                else:  # a step we cannot address
                     break
                 d = d.context
             else:
@@ -208,9 +209,7 @@ def compile_path(text: str) -> JsonPath:
     try:
         expr = _Parser().parse(text)
         _guard(expr)
-    except JsonPathError as exc:
-        raise JsonPathError(f"invalid JSONPath {text!r}: {exc}") from None
-    except Exception as exc:  # jsonpath-rw raises bare Exception for lexer/parser errors
+    except Exception as exc:  # ours, or jsonpath-rw's bare Exception for lexer/parser errors
         raise JsonPathError(f"invalid JSONPath {text!r}: {exc}") from None
     return JsonPath(text, expr, _plain_steps(expr))
 

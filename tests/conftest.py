@@ -24,20 +24,35 @@ class Upstream:
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
     requests: list[dict[str, Any]] = field(default_factory=list)
+    #: Per-path answers that override `body` (path without query string).
+    bodies: dict[str, Any] = field(default_factory=dict)
+    inflight: dict[str, int] = field(default_factory=dict)
+    max_inflight: dict[str, int] = field(default_factory=dict)
     url: str = ""
     port: int = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
         self.requests.append({
             "method": request.method,
             "path": request.path_qs,
             "headers": dict(request.headers),
             "body": await request.read(),
+            "at": asyncio.get_running_loop().time(),
         })
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        body = self.body if isinstance(self.body, bytes) else orjson.dumps(self.body)
-        return web.Response(body=body, status=self.status, content_type=self.content_type, headers=self.headers)
+        self.inflight[path] = self.inflight.get(path, 0) + 1
+        self.max_inflight[path] = max(self.max_inflight.get(path, 0), self.inflight[path])
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            answer = self.bodies.get(path, self.body)
+            body = answer if isinstance(answer, bytes) else orjson.dumps(answer)
+            return web.Response(body=body, status=self.status, content_type=self.content_type, headers=self.headers)
+        finally:
+            self.inflight[path] -= 1
+
+    def hits(self, path: str) -> list[dict[str, Any]]:
+        return [r for r in self.requests if r["path"].split("?")[0] == path]
 
 
 @pytest.fixture
@@ -159,3 +174,71 @@ async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> 
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+class DaemonProcess:
+    """The real `syncd run` as a subprocess, with its JSON log lines collected from stderr."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.args, self.env = args, env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.logs: list[dict[str, Any]] = []
+        self.address: str | None = None
+        self._reader: asyncio.Task | None = None
+
+    async def start(self, timeout: float = 20) -> DaemonProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "syncd", "run", "--log-format", "json", "--listen", "127.0.0.1:0", *self.args,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=self.env or cli_env(),
+        )
+        self._reader = asyncio.create_task(self._read())
+        await wait_for(lambda: self.address is not None or self.proc.returncode is not None, timeout)
+        assert self.address, f"syncd run did not start: {self.logs[-5:]}"
+        return self
+
+    async def _read(self) -> None:
+        assert self.proc and self.proc.stderr
+        async for line in self.proc.stderr:
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                entry = {"event": line.decode(errors="replace").rstrip(), "raw": True}
+            self.logs.append(entry)
+            if entry.get("event") == "syncd started":
+                self.address = entry["listen"]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.logs if e.get("event") == name]
+
+    async def stop(self, sig: int = 15, timeout: float = 30) -> int:
+        assert self.proc
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        if self._reader:
+            await asyncio.wait_for(self._reader, 5)
+        return code
+
+    async def kill(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        if self._reader:
+            await asyncio.wait_for(self._reader, 5)
+
+
+@pytest.fixture
+async def daemons():
+    """Start `syncd run` processes with `await daemons(*args)`; all are killed at the end."""
+    started: list[DaemonProcess] = []
+
+    async def start(*args: str, env: dict[str, str] | None = None) -> DaemonProcess:
+        d = DaemonProcess(*args, env=env)
+        started.append(d)
+        return await d.start()
+
+    try:
+        yield start
+    finally:
+        for d in started:
+            await d.kill()

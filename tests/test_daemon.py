@@ -1,0 +1,272 @@
+"""`syncd run` as a sysadmin runs it: a real subprocess on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+
+import aiohttp
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import run_cli, wait_for
+
+LIST = {"items": [{"id": 1, "v": 1}, {"id": 2, "v": 1}]}
+
+
+def sync_file(conf_dir, name, upstream, receiver, *, path=None, interval="300ms", extra=""):
+    (conf_dir / f"{name}.toml").write_text(
+        f'webhook_url = "{receiver.url}/hook"\nlist_identifier = "$.items"\nrecord_identifier = "$.id"\n'
+        f'interval = "{interval}"\n{extra}\n[api_details]\nbase_url = "{upstream.url}"\npath = "{path or "/" + name}"\n'
+    )
+
+
+async def scrape(address: str) -> dict[str, dict]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://{address}/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+async def test_hot_reload_add_edit_break_delete(upstream, receiver, conf_dir, state_path, daemons):
+    upstream.body = LIST
+    sync_file(conf_dir, "a", upstream, receiver)
+    d = await daemons("--config-dir", str(conf_dir), "--state-path", str(state_path))
+    await wait_for(lambda: len(upstream.hits("/a")) >= 2, timeout=5)
+
+    # Added: polled within 2 s plus its jitter.
+    sync_file(conf_dir, "b", upstream, receiver)
+    await wait_for(lambda: len(upstream.hits("/b")) >= 1, timeout=2 + 1 + 1)
+    await wait_for(lambda: len([e for e in receiver.delivered() if e["syncJobId"] == "b"]) == 2)
+
+    # Edited: the new path is polled, the old one no longer.
+    sync_file(conf_dir, "b", upstream, receiver, path="/b2")
+    await wait_for(lambda: len(upstream.hits("/b2")) >= 1, timeout=4)
+    await asyncio.sleep(0.5)
+    old = len(upstream.hits("/b"))
+    await asyncio.sleep(1)
+    assert len(upstream.hits("/b")) == old
+
+    # Broken: the last good version keeps running and the failure is counted and logged.
+    before = value(await scrape(d.address), "syncd_config_reload_failures_total") or 0
+    (conf_dir / "b.toml").write_text("webhook_url = [broken\n")
+    await wait_for(lambda: any(e.get("file", "").endswith("b.toml") for e in d.events("invalid sync definition")), timeout=4)
+    hits = len(upstream.hits("/b2"))
+    await wait_for(lambda: len(upstream.hits("/b2")) >= hits + 2, timeout=4)
+    after = value(await scrape(d.address), "syncd_config_reload_failures_total")
+    assert after > before
+    logged = d.events("invalid sync definition")[-1]
+    assert logged["file"].endswith("b.toml") and logged["key"] == "line 1"
+
+    # Deleted: polling stops; the other sync was never interrupted.
+    (conf_dir / "b.toml").unlink()
+    await asyncio.sleep(1.5)
+    hits = len(upstream.hits("/b2"))
+    await asyncio.sleep(1)
+    assert len(upstream.hits("/b2")) == hits
+    gaps = [b["at"] - a["at"] for a, b in zip(upstream.hits("/a"), upstream.hits("/a")[1:])]
+    assert max(gaps) < 1.0, gaps
+    assert await d.stop() == 0
+
+
+async def test_sighup_reloads(upstream, receiver, conf_dir, state_path, daemons):
+    upstream.body = LIST
+    sync_file(conf_dir, "a", upstream, receiver, interval="1h")
+    d = await daemons("--config-dir", str(conf_dir), "--state-path", str(state_path))
+    await wait_for(lambda: len(upstream.hits("/a")) == 1, timeout=15)
+    reloads = len(d.events("configuration loaded"))
+    d.proc.send_signal(signal.SIGHUP)
+    await wait_for(lambda: len(d.events("configuration loaded")) > reloads, timeout=5)
+    assert await d.stop() == 0
+
+
+async def test_sigterm_exits_zero_and_nothing_is_lost(upstream, receiver, conf_dir, state_path, daemons):
+    upstream.body = {"items": [{"id": i, "v": 1} for i in range(50)]}
+    hold = asyncio.Event()
+
+    async def slow(entry):
+        await asyncio.wait_for(hold.wait(), 60)
+        return None
+
+    receiver.respond = slow
+    sync_file(conf_dir, "a", upstream, receiver)
+    d = await daemons("--config-dir", str(conf_dir), "--state-path", str(state_path), "--shutdown-timeout", "1s",
+                      "--webhook-concurrency", "4")
+    await wait_for(lambda: len(receiver.received) + len([r for r in receiver.attempts]) >= 4, timeout=10)
+    assert await asyncio.wait_for(d.stop(signal.SIGTERM), 10) == 0
+    assert d.events("syncd stopped")
+    receiver.respond = None
+    hold.set()
+    # The next start delivers everything that was pending.
+    d2 = await daemons("--config-dir", str(conf_dir), "--state-path", str(state_path))
+    await wait_for(lambda: {e["recordId"] for e in receiver.delivered()} >= {str(i) for i in range(50)}, timeout=15)
+    assert await d2.stop(signal.SIGINT) == 0
+
+
+async def test_metrics_health_and_status_endpoints(upstream, receiver, conf_dir, state_path, daemons):
+    upstream.body = LIST
+    sync_file(conf_dir, "a", upstream, receiver)
+    sync_file(conf_dir, "bad", upstream, receiver, path="/x")
+    upstream.bodies["/x"] = b"<html>oops</html>"
+    d = await daemons("--config-dir", str(conf_dir), "--state-path", str(state_path))
+    await wait_for(lambda: len(receiver.delivered()) == 2 and len(upstream.hits("/x")) >= 2, timeout=10)
+    await asyncio.sleep(2.2)  # one statistics round
+    samples = await scrape(d.address)
+    assert value(samples, "syncd_build_info", version=__import__("syncd").__version__) == 1
+    assert value(samples, "syncd_syncs") == 2
+    assert value(samples, "syncd_sync_up", sync="a") == 1 and value(samples, "syncd_sync_up", sync="bad") == 0
+    assert value(samples, "syncd_sync_polls_total", sync="a") >= 1
+    assert value(samples, "syncd_sync_poll_failures_total", sync="bad") >= 1
+    assert value(samples, "syncd_sync_poll_duration_seconds_count", sync="a") >= 1
+    assert value(samples, "syncd_sync_records", sync="a") == 2
+    assert value(samples, "syncd_sync_events_total", sync="a", type="record.new") == 2
+    assert value(samples, "syncd_sync_events_total", sync="a", type="record.deleted") == 0
+    assert value(samples, "syncd_sync_last_success_timestamp_seconds", sync="a") > 1e9
+    assert value(samples, "syncd_sync_last_change_timestamp_seconds", sync="a") > 1e9
+    assert value(samples, "syncd_config_reloads_total") == 0
+    assert value(samples, "syncd_config_reload_failures_total") == 0
+    assert value(samples, "syncd_deliveries_total", sync="a") == 2
+    assert value(samples, "syncd_delivery_failures_total", sync="a") == 0
+    assert value(samples, "syncd_delivery_duration_seconds_count", sync="a") == 2
+    assert value(samples, "syncd_delivery_queue_depth", sync="a") == 0
+    assert value(samples, "syncd_delivery_dead_letters", sync="a") == 0
+    assert value(samples, "syncd_delivery_oldest_pending_age_seconds", sync="a") == 0
+
+    async with aiohttp.ClientSession() as session:
+        for path, status in (("/healthz", 200), ("/readyz", 200)):
+            async with session.get(f"http://{d.address}{path}") as resp:
+                assert resp.status == status
+        async with session.get(f"http://{d.address}/v1/syncs") as resp:
+            syncs = {s["id"]: s for s in (await resp.json())["syncs"]}
+    assert syncs["a"]["records"] == 2 and syncs["a"]["last_outcome"] in ("changed", "unchanged")
+    assert syncs["bad"]["last_outcome"] == "failed" and "JSON" in syncs["bad"]["last_error"]
+
+    # A removed sync's series disappear.
+    (conf_dir / "bad.toml").unlink()
+    await wait_for(lambda: len(d.events("configuration loaded")) >= 1 and any(
+        e.get("removed") == ["bad"] for e in d.events("configuration loaded")), timeout=5)
+    samples = await scrape(d.address)
+    assert not [k for k in samples if ("sync", "bad") in k[1]]
+    assert value(samples, "syncd_syncs") == 1
+
+    code, out, err = await run_cli("status", "--json", "--config-dir", str(conf_dir), "--state-path", str(state_path))
+    assert code == 0, err
+    status = {s["id"]: s for s in orjson.loads(out)["syncs"]}
+    assert status["a"]["records"] == 2 and status["a"]["pending_events"] == 0
+    assert status["bad"]["configured"] is False
+    code, out, _ = await run_cli("status", "--config-dir", str(conf_dir), "--state-path", str(state_path))
+    assert code == 0 and "SYNC" in out and "bad (removed)" in out
+    assert await d.stop() == 0
+
+
+@pytest.mark.skipif(not shutil.which("promtool"), reason="promtool (Debian package prometheus) not installed")
+async def test_promtool_accepts_the_metrics(upstream, receiver, conf_dir, state_path, daemons):
+    upstream.body = LIST
+    sync_file(conf_dir, "a", upstream, receiver)
+    d = await daemons("--config-dir", str(conf_dir), "--state-path", str(state_path))
+    await wait_for(lambda: len(receiver.delivered()) == 2, timeout=10)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://{d.address}/metrics") as resp:
+            text = await resp.read()
+    proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert await d.stop() == 0
+
+
+async def test_removed_sync_still_delivers_its_pending_webhooks(upstream, receiver, conf_dir, state_path, daemons):
+    upstream.body = LIST
+    down = True
+    receiver.respond = lambda entry: (503, {}) if down else None
+    sync_file(conf_dir, "a", upstream, receiver)
+    d = await daemons("--config-dir", str(conf_dir), "--state-path", str(state_path), "--webhook-retry-schedule", "200ms,200ms,200ms,200ms,200ms,200ms,200ms,200ms")
+    await wait_for(lambda: len(receiver.received) >= 2, timeout=10)
+    (conf_dir / "a.toml").unlink()
+    await wait_for(lambda: any(e.get("removed") == ["a"] for e in d.events("configuration loaded")), timeout=5)
+    down = False
+    await wait_for(lambda: len(receiver.delivered()) == 2, timeout=10)
+    assert await d.stop() == 0
+
+
+async def test_reset_makes_the_next_run_initial(upstream, receiver, conf_dir, state_path):
+    upstream.body = LIST
+    sync_file(conf_dir, "a", upstream, receiver)
+    base = ("--config-dir", str(conf_dir), "--state-path", str(state_path))
+    assert (await run_cli("once", "a", *base))[0] == 0
+    code, out, _ = await run_cli("reset", "a", *base)
+    assert code == 0 and "reset a" in out
+    code, out, _ = await run_cli("once", "a", *base)
+    assert code == 0 and {orjson.loads(line)["syncType"] for line in out.splitlines()} == {"initial_sync"}
+    code, _, err = await run_cli("reset", "nope", *base)
+    assert code == 2 and "nope" in err
+
+
+async def test_systemd_notify_protocol(upstream, receiver, conf_dir, state_path, tmp_path, daemons):
+    upstream.body = LIST
+    sync_file(conf_dir, "a", upstream, receiver)
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.setblocking(False)
+    messages: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    def readable():
+        while True:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except BlockingIOError:
+                return
+
+    loop.add_reader(sock.fileno(), readable)
+    try:
+        env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000"}
+        env = {k: v for k, v in env.items() if not k.startswith("SYNCD_")}
+        d = await daemons("--config-dir", str(conf_dir), "--state-path", str(state_path), env=env)
+        await wait_for(lambda: any("READY=1" in m for m in messages), timeout=5)
+        ready = next(m for m in messages if "READY=1" in m)
+        assert "STATUS=" in ready and "syncs" in ready
+        await wait_for(lambda: sum("WATCHDOG=1" in m for m in messages) >= 3, timeout=5)  # every 200 ms
+        await wait_for(lambda: any(m.startswith("STATUS=") for m in messages), timeout=5)
+
+        count = len(messages)
+        d.proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: any("READY=1" in m for m in messages[count:]), timeout=5)
+        reloading = next(m for m in messages[count:] if "RELOADING=1" in m)
+        usec = int(reloading.split("MONOTONIC_USEC=")[1].split()[0])
+        assert abs(usec / 1e6 - __import__("time").monotonic()) < 30
+        assert messages.index(reloading) < max(i for i, m in enumerate(messages) if "READY=1" in m)
+
+        assert await d.stop() == 0
+        assert any("STOPPING=1" in m for m in messages)
+    finally:
+        loop.remove_reader(sock.fileno())
+        sock.close()
+
+
+async def test_two_hundred_syncs_no_starvation_no_overlap(upstream, receiver, conf_dir, state_path, daemons):
+    upstream.body = LIST
+    upstream.delay = 0.05  # long enough that an overlapping poll would be seen
+    for n in range(200):
+        sync_file(conf_dir, f"s{n:03d}", upstream, receiver, interval="1s")
+    d = await daemons("--config-dir", str(conf_dir), "--state-path", str(state_path), "--max-concurrent-polls", "64")
+    await asyncio.sleep(30)
+    assert await d.stop() == 0
+    counts = [len(upstream.hits(f"/s{n:03d}")) for n in range(200)]
+    # 30 s at a 1 s interval (±10% jitter, startup spread up to 1 s): about 29 polls each.
+    assert min(counts) >= 25, sorted(counts)[:10]
+    assert max(counts) <= 35, sorted(counts)[-10:]
+    assert max(upstream.max_inflight.values()) == 1  # a poll never overlaps itself
