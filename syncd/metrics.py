@@ -5,9 +5,13 @@ The `sync` label is bounded by the number of definitions; a removed sync's serie
 
 from __future__ import annotations
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from syncd import __version__
+
+# `*_created` series double the output and no dashboard needs them.
+prometheus_client.disable_created_metrics()
 
 POLL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30, 60, 120, 300)
 DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

@@ -35,3 +35,18 @@ def test_shipped_examples_are_valid(tmp_path, monkeypatch):
     settings = load_settings({"config_dir": conf}, ROOT / "etc" / "syncd.toml")
     syncs, problems = load_dir(settings)
     assert problems == [] and sorted(syncs) == ["employees", "status-page", "tickets"]
+
+
+def test_metrics_reference_matches_the_registry():
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client import generate_latest
+
+    from syncd.metrics import Metrics
+
+    m = Metrics()
+    m.add_sync("x")
+    names = set()
+    for family in text_string_to_metric_families(generate_latest(m.registry).decode()):
+        suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")
+        names.add(family.name + suffix)
+    assert table_keys("metrics") == names
