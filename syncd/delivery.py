@@ -138,7 +138,7 @@ class Deliverer:
             if not self._ready and not self._slots.locked():
                 due = await store.next_due()
                 if due is not None and not self._tasks and not self._claimed:
-                    timeout = min(IDLE_RECHECK, max(0.0, due - time.time()))
+                    timeout = min(IDLE_RECHECK, max(0.01, due - time.time()))
             await _wait_any([self._wake, store.outbox_changed, stop], timeout)
             self._wake.clear()
             store.outbox_changed.clear()

@@ -394,7 +394,16 @@ class Store:
 
     async def next_due(self) -> float | None:
         """When the earliest pending event is due (None when nothing is pending)."""
-        rows = await self._conn.execute_fetchall("SELECT MIN(next_attempt_at) FROM outbox WHERE dead_at IS NULL")
+        # Only heads count: an event queued behind an earlier one of its record is not deliverable
+        # however old its own next_attempt_at is (counting it would make an idle deliverer spin).
+        rows = await self._conn.execute_fetchall(
+            """
+            SELECT MIN(o.next_attempt_at) FROM outbox o
+            WHERE o.dead_at IS NULL
+              AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.sync_id = o.sync_id AND p.record_id = o.record_id
+                              AND p.seq < o.seq AND p.dead_at IS NULL)
+            """
+        )
         return rows[0][0]
 
     async def record_attempts(self, delivered: list[int], retries: list[tuple], dead: list[tuple]) -> None:

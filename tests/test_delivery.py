@@ -226,6 +226,22 @@ async def test_attempt_state_survives_a_restart(upstream, receiver, conf_dir, st
         assert len(receiver.received) == before
 
 
+async def test_an_event_waiting_behind_its_record_is_not_due(upstream, receiver, conf_dir, state_path):
+    receiver.respond = lambda entry: (500, {})
+    async with Rig(upstream, receiver, conf_dir, state_path, schedule=[3600]) as rig:
+        await rig.poll([{"id": 1, "v": 1}])
+        for _ in range(200):
+            rows = await rig.outbox()
+            if rows and rows[0].attempts == 1:
+                break
+            await asyncio.sleep(0.02)
+        await rig.poll([{"id": 1, "v": 2}])  # due now, but behind the first event for an hour
+        assert await rig.store.next_due() > time.time() + 3000
+        sent = len(receiver.received)
+        await asyncio.sleep(0.3)
+        assert len(receiver.received) == sent == 1
+
+
 async def _read_outbox(state_path):
     async with await Store.open(state_path) as store:
         return await store.deliveries()
