@@ -6,8 +6,12 @@ A run that fails in any way changes nothing: no events, no fingerprints, and abo
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import os
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -26,8 +30,9 @@ log = structlog.get_logger("syncd.engine")
 
 INITIAL = "initial_sync"
 DELTA = "delta_sync"
-#: Bodies larger than this are parsed and diffed in a worker thread so the event loop stays
-#: responsive (health checks, other syncs' deliveries) during a 100k-record run.
+#: Bodies larger than this are parsed, diffed and turned into envelopes in a worker thread. orjson
+#: holds the GIL while it parses, so the loop still stalls for the parse itself (~180 ms for 100k
+#: records), but no longer for the diff and the envelopes.
 THREAD_THRESHOLD = 512 * 1024
 
 
@@ -75,13 +80,88 @@ def parse_json(body: bytes):
         raise ParseError(f"response is not valid JSON: {exc}; it starts with {start!r}{hint}") from None
 
 
-def _analyse(sync: Sync, body: bytes, old: dict[str, bytes], initial: bool):
-    document = parse_json(body)
-    snap = diff.snapshot(document, sync.id, sync.list_path, sync.id_path, sync.ignore_paths)
-    # Records we could not read may be among the "missing" ones: never delete on such a run.
-    allow_deletes = snap.invalid_ids == 0
-    changes = diff.changes(old, snap, initial=initial, allow_deletes=allow_deletes)
-    return snap, changes
+@dataclass
+class _Analysis:
+    """Everything a run commits, computed off the event loop."""
+
+    fingerprints: dict[str, bytes]
+    invalid_ids: int
+    duplicate_ids: int
+    invalid_examples: list[str]
+    events: list[OutboxEvent]
+    upserts: dict[str, bytes]
+    deletes: list[str]
+    counts: dict[str, int]
+
+
+_background: set[asyncio.Task] = set()
+_gc_lock = threading.Lock()
+_gc_pausers = 0
+_gc_was_enabled = True
+
+
+@contextmanager
+def _gc_paused():
+    """Pause the cyclic GC while a large response is parsed and diffed.
+
+    orjson.loads of 100k records builds ~400k containers; with the collector on, full passes over
+    them cost more than the parse itself (measured: ~450 ms of a 900 ms run). JSON cannot form
+    reference cycles, so nothing is lost by not looking for any. Process-wide, hence counted."""
+    global _gc_pausers, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pausers == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pausers += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and _gc_was_enabled:
+                gc.enable()
+
+
+def _analyse(sync: Sync, body: bytes, old: dict[str, bytes], initial: bool, rebaseline: bool, run_id: str) -> _Analysis:
+    with _gc_paused():
+        document = parse_json(body)
+        snap = diff.snapshot(document, sync.id, sync.list_path, sync.id_path, sync.ignore_paths)
+        del document  # freed before the collector runs again: the records live on only in `changes`
+        counts = {diff.NEW: 0, diff.MODIFIED: 0, diff.DELETED: 0}
+        if rebaseline:
+            snap.records = {}
+            return _Analysis(snap.fingerprints, snap.invalid_ids, snap.duplicate_ids, snap.invalid_examples,
+                             [], snap.fingerprints, [], counts)
+        # Records we could not read may be among the "missing" ones: never delete on such a run.
+        changes = diff.changes(old, snap, initial=initial, allow_deletes=snap.invalid_ids == 0)
+        snap.records = {}
+        sync_type = INITIAL if initial else DELTA
+        now = time.time()
+        timestamp = iso_timestamp(now)
+        webhook_url = sync.spec.webhook_url
+        dumps = orjson.dumps
+        events: list[OutboxEvent] = []
+        for change in changes:
+            event_id = new_id("evt")
+            envelope = dumps({
+                "eventId": event_id,
+                "eventType": change.type,
+                "eventData": change.record,
+                "syncType": sync_type,
+                "syncJobId": sync.id,
+                "syncRunId": run_id,
+                "recordId": change.record_id,
+                "timestamp": timestamp,
+            })
+            # orjson hands back each result in a ~4 KiB allocation: an exact-size copy keeps a
+            # 100k-event initial run at ~50 MB of bodies instead of ~400 MB until the commit.
+            envelope = bytes(memoryview(envelope))
+            events.append(OutboxEvent(event_id, sync.id, change.record_id, change.type, webhook_url, now, envelope))
+            counts[change.type] += 1
+        upserts, deletes = diff.apply(old, snap, changes)
+        del changes
+        return _Analysis(snap.fingerprints, snap.invalid_ids, snap.duplicate_ids, snap.invalid_examples,
+                         events, upserts, deletes, counts)
 
 
 async def poll(sync: Sync, store: Store | None, session: aiohttp.ClientSession, *, max_bytes: int, dry_run: bool = False) -> RunResult:
@@ -121,63 +201,56 @@ async def _poll(sync: Sync, store: Store | None, session, max_bytes: int, dry_ru
     initial = state is None or not state.baselined
     rebaseline = not initial and not same_shape
     old = await store.fingerprints(state) if store is not None and not initial else {}
-    if len(body) > THREAD_THRESHOLD:
-        snap, changes = await asyncio.to_thread(_analyse, sync, body, old, initial)
-    else:
-        snap, changes = _analyse(sync, body, old, initial)
+    args = (sync, body, old, initial, rebaseline, result.run_id)
+    big = len(body) > THREAD_THRESHOLD
+    a = await asyncio.to_thread(_analyse, *args) if big else _analyse(*args)
+    del body
 
-    result.records = len(snap.fingerprints)
-    result.invalid_ids, result.duplicate_ids = snap.invalid_ids, snap.duplicate_ids
-    if snap.invalid_ids:
+    result.records = len(a.fingerprints)
+    result.invalid_ids, result.duplicate_ids = a.invalid_ids, a.duplicate_ids
+    if a.invalid_ids:
         result.deletes_held = True
         log.warning("records without a usable id were skipped; no record.deleted this run",
-                    skipped=snap.invalid_ids, examples=snap.invalid_examples, record_identifier=sync.id_path.text)
-    if snap.duplicate_ids:
-        log.warning("duplicate record ids were skipped after their first occurrence", skipped=snap.duplicate_ids)
+                    skipped=a.invalid_ids, examples=a.invalid_examples, record_identifier=sync.id_path.text)
+    if a.duplicate_ids:
+        log.warning("duplicate record ids were skipped after their first occurrence", skipped=a.duplicate_ids)
 
     if rebaseline:
         log.info("list_identifier, record_identifier or ignore_fields changed: re-baselining without events",
-                 records=len(snap.fingerprints))
+                 records=len(a.fingerprints))
         result.outcome, result.sync_type = "baseline", None
-        commit = Commit(_run_record(result, started), sync.shape, body_hash, upserts=snap.fingerprints,
-                        replace_all=True, record_count=len(snap.fingerprints))
+        commit = Commit(_run_record(result, started), sync.shape, body_hash, upserts=a.fingerprints,
+                        replace_all=True, record_count=len(a.fingerprints))
     else:
-        sync_type = INITIAL if initial else DELTA
-        now = time.time()
-        timestamp = iso_timestamp(now)
-        events: list[OutboxEvent] = []
-        dumps = orjson.dumps
-        for change in changes:
-            event_id = new_id("evt")
-            body_bytes = dumps({
-                "eventId": event_id,
-                "eventType": change.type,
-                "eventData": change.record,
-                "syncType": sync_type,
-                "syncJobId": sync.id,
-                "syncRunId": result.run_id,
-                "recordId": change.record_id,
-                "timestamp": timestamp,
-            })
-            events.append(OutboxEvent(event_id, sync.id, change.record_id, change.type, sync.spec.webhook_url, now, body_bytes))
-            if change.type == diff.NEW:
-                result.new += 1
-            elif change.type == diff.MODIFIED:
-                result.modified += 1
-            else:
-                result.deleted += 1
-        result.events = [e.body for e in events]
-        result.sync_type = sync_type
-        result.outcome = "changed" if events else "unchanged"
-        upserts, deletes = diff.apply(old, snap, changes)
-        record_count = len(old) + result.new - result.deleted
-        commit = Commit(_run_record(result, started), sync.shape, body_hash, upserts=upserts, deletes=deletes,
-                        events=events, record_count=record_count)
+        result.new, result.modified, result.deleted = a.counts[diff.NEW], a.counts[diff.MODIFIED], a.counts[diff.DELETED]
+        result.events = [e.body for e in a.events]
+        result.sync_type = INITIAL if initial else DELTA
+        result.outcome = "changed" if a.events else "unchanged"
+        # An initial run's upserts are the complete set: written as a replacement, which also
+        # seeds the store's fingerprint cache for the next run.
+        commit = Commit(_run_record(result, started), sync.shape, body_hash, upserts=a.upserts, deletes=a.deletes,
+                        events=a.events, replace_all=initial,
+                        record_count=len(old) + result.new - result.deleted)
     if store is not None and not dry_run:
         commit.run = _run_record(result, started)
         await store.commit_run(commit)
+    if big:
+        # Off the run's critical path; the reference keeps the task alive until it is done.
+        task = asyncio.create_task(asyncio.to_thread(release_memory))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
     log.info("poll done", outcome=result.outcome, records=result.records, new=result.new,
              modified=result.modified, deleted=result.deleted)
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS after a large run (glibc keeps it otherwise: measured 530 MiB
+    resident for a 25 MiB live heap after a 100k-record run). A no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _run_record(result: RunResult, started: float) -> RunRecord:

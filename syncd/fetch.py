@@ -45,6 +45,9 @@ async def fetch(session: aiohttp.ClientSession, sync: Sync, *, max_bytes: int) -
                 raise FetchError(f"{where} answered HTTP {resp.status} {resp.reason or ''}".rstrip() + snippet)
             if resp.content_length is not None and resp.content_length > max_bytes:
                 raise FetchError(f"{where}: response of {resp.content_length} bytes exceeds max_response_bytes ({max_bytes})")
+            if resp.content_length is not None and not resp.headers.get("Content-Encoding"):
+                # Length known and checked above: one read, no chunk list to join.
+                return await resp.read()
             chunks: list[bytes] = []
             size = 0
             async for chunk in resp.content.iter_chunked(_CHUNK):

@@ -85,3 +85,31 @@ def test_deletes_held_when_ids_are_unreadable():
     assert snap.invalid_ids == 1
     held = diff.changes(old, snap, initial=False, allow_deletes=snap.invalid_ids == 0)
     assert [(c.type, c.record_id) for c in held] == [(diff.MODIFIED, "2")]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False, allow_infinity=False) | st.text("ab", max_size=2),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["a", "b", "id", "0"]), inner, max_size=3),
+    max_leaves=8,
+)
+step_lists = st.lists(st.sampled_from(["a", "b", "id", "0"]) | st.integers(-3, 3), min_size=0, max_size=4)
+
+
+def _spell(steps) -> str:
+    return "$" + "".join(f"[{s}]" if isinstance(s, int) else f"['{s}']" for s in steps)
+
+
+@settings(max_examples=400, deadline=None)
+@given(json_values, step_lists)
+def test_id_lookup_matches_the_jsonpath_fast_path(value, steps):
+    from syncd.diff import _getter
+    from syncd.jsonpath import MISSING
+
+    path = compile_path(_spell(steps))
+    assert path.steps == tuple(steps)
+    try:
+        got = _getter(path)(value)
+    except (KeyError, TypeError, IndexError):
+        got = MISSING
+    expected = path.get(value)
+    assert got is expected or (got == expected and type(got) is type(expected))
