@@ -89,62 +89,76 @@ class Deliverer:
         self.drain_timeout = drain_timeout
         self._claimed: set[int] = set()  # seqs read and not yet committed
         self._claimed_records: set[tuple[str, str]] = set()
-        self._ready: deque[PendingEvent] = deque()
+        self._ready: deque[PendingEvent] = deque()  # claimed, waiting for a worker
         self._results: asyncio.Queue[Outcome] = asyncio.Queue()
-        self._slots = asyncio.Semaphore(concurrency)
-        self._wake = asyncio.Event()
-        self._tasks: set[asyncio.Task] = set()
+        # One wake-up for the feeder: new events committed (the store sets it), outcomes
+        # persisted (claims released), a worker running low, or stop.
+        self._wake = store.outbox_changed
+        self._work = asyncio.Condition()
+        self._stopping = False
+        self._in_flight = 0
         self.delivered = 0
         self.failed_attempts = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         writer = asyncio.create_task(self._writer(), name="delivery-writer")
+        workers = [asyncio.create_task(self._worker(), name=f"delivery-{i}") for i in range(self.concurrency)]
+        stopper = asyncio.create_task(self._on_stop(stop), name="delivery-stop")
         try:
-            await self._dispatch(stop)
+            await self._feed(stop)
         finally:
             # Let in-flight attempts finish (bounded), persist what they achieved, leave the rest queued.
-            pending = set(self._tasks)
-            if pending:
-                log.info("waiting for in-flight deliveries", in_flight=len(pending), timeout=self.drain_timeout)
-                done, not_done = await asyncio.wait(pending, timeout=self.drain_timeout)
-                for task in not_done:
-                    task.cancel()
-                if not_done:
-                    await asyncio.wait(not_done)
-                    log.warning("in-flight deliveries cancelled at shutdown; they stay queued", cancelled=len(not_done))
+            self._stopping = True
+            self._ready.clear()
+            async with self._work:
+                self._work.notify_all()
+            if self._in_flight:
+                log.info("waiting for in-flight deliveries", in_flight=self._in_flight, timeout=self.drain_timeout)
+            done, not_done = await asyncio.wait(workers, timeout=self.drain_timeout)
+            for task in not_done:
+                task.cancel()
+            if not_done:
+                await asyncio.wait(not_done)
+            if self._cancelled:
+                log.warning("in-flight deliveries cancelled at shutdown; they stay queued", cancelled=self._cancelled)
             await self._results.join()
-            writer.cancel()
+            for task in (writer, stopper):
+                task.cancel()
+            await asyncio.gather(writer, stopper, return_exceptions=True)
+
+    _cancelled = 0
+
+    async def _on_stop(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._wake.set()
+
+    async def _feed(self, stop: asyncio.Event) -> None:
+        """Keep the ready queue topped up from the outbox; sleep when there is nothing due."""
+        store, low = self.store, self.concurrency
+        while not stop.is_set():
+            self._wake.clear()
+            if len(self._ready) < low:
+                found = await self._refill()
+                if found:
+                    async with self._work:
+                        self._work.notify(found)
+                    if len(self._ready) < low:
+                        continue  # there may be more right behind
+            timeout = IDLE_RECHECK
+            if not self._ready and not self._in_flight and not self._claimed:
+                due = await store.next_due()
+                if due is not None:
+                    timeout = min(IDLE_RECHECK, max(0.01, due - time.time()))
+            if stop.is_set():
+                break
             try:
-                await writer
-            except asyncio.CancelledError:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
                 pass
 
-    async def _dispatch(self, stop: asyncio.Event) -> None:
-        store = self.store
-        while not stop.is_set():
-            if not self._ready:
-                await self._refill()
-            started = False
-            while self._ready and not stop.is_set() and not self._slots.locked():
-                event = self._ready.popleft()
-                await self._slots.acquire()
-                task = asyncio.create_task(self._attempt(event))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-                started = True
-            if started and self._ready:
-                continue
-            timeout = IDLE_RECHECK
-            if not self._ready and not self._slots.locked():
-                due = await store.next_due()
-                if due is not None and not self._tasks and not self._claimed:
-                    timeout = min(IDLE_RECHECK, max(0.01, due - time.time()))
-            await _wait_any([self._wake, store.outbox_changed, stop], timeout)
-            self._wake.clear()
-            store.outbox_changed.clear()
-
-    async def _refill(self) -> None:
+    async def _refill(self) -> int:
         rows = await self.store.due_events(time.time(), len(self._claimed) + BATCH)
+        found = 0
         for event in rows:
             key = (event.sync_id, event.record_id)
             if event.seq in self._claimed or key in self._claimed_records:
@@ -152,18 +166,34 @@ class Deliverer:
             self._claimed.add(event.seq)
             self._claimed_records.add(key)
             self._ready.append(event)
+            found += 1
+        return found
 
-    async def _attempt(self, event: PendingEvent) -> None:
-        try:
-            outcome = await self._post(event)
-        except asyncio.CancelledError:
-            # Shutdown: the attempt's result is unknown; the event stays queued and is sent again.
-            self._release([event])
-            raise
-        finally:
-            self._slots.release()
-            self._wake.set()
-        self._results.put_nowait(outcome)
+    async def _worker(self) -> None:
+        ready, work = self._ready, self._work
+        while True:
+            if not ready:
+                async with work:
+                    await work.wait_for(lambda: bool(ready) or self._stopping)
+                if self._stopping:
+                    return
+                continue
+            event = ready.popleft()
+            if len(ready) < self.concurrency:
+                self._wake.set()  # running low: let the feeder look for more
+            self._in_flight += 1
+            try:
+                outcome = await self._post(event)
+            except asyncio.CancelledError:
+                # Shutdown: the attempt's result is unknown; the event stays queued and is sent again.
+                self._cancelled += 1
+                self._release([event])
+                raise
+            finally:
+                self._in_flight -= 1
+            self._results.put_nowait(outcome)
+            if self._stopping:
+                return
 
     async def _post(self, event: PendingEvent) -> Outcome:
         target = self.target(event.sync_id)
@@ -210,7 +240,7 @@ class Deliverer:
                 self._release([o.event for o in batch])
                 for _ in batch:
                     self._results.task_done()
-                self._wake.set()
+                self._wake.set()  # released records may have their next event due
 
     async def _persist(self, batch: list[Outcome]) -> None:
         now = time.time()
@@ -254,14 +284,3 @@ async def _snippet(resp: aiohttp.ClientResponse) -> str:
         return ""
     text = " ".join(text.split())
     return f": {text}" if text else ""
-
-
-async def _wait_any(events: list[asyncio.Event], timeout: float) -> None:
-    if any(e.is_set() for e in events):
-        return
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
