@@ -19,7 +19,7 @@ from email.utils import parsedate_to_datetime
 import aiohttp
 import structlog
 
-from syncd.fetch import USER_AGENT
+from syncd.fetch import USER_AGENT, error_snippet
 from syncd.metrics import Metrics
 from syncd.signing import sign_headers
 from syncd.store import PendingEvent, Store
@@ -208,7 +208,7 @@ class Deliverer:
                 status = resp.status
                 if 200 <= status < 300:
                     return Outcome(event, True, status)
-                detail = await _snippet(resp)
+                detail = await error_snippet(resp)
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time()) if status in (429, 503) else None
                 if 300 <= status < 400:
                     where = resp.headers.get("Location", "")
@@ -275,12 +275,3 @@ class Deliverer:
         for e in events:
             self._claimed.discard(e.seq)
             self._claimed_records.discard((e.sync_id, e.record_id))
-
-
-async def _snippet(resp: aiohttp.ClientResponse) -> str:
-    try:
-        text = (await resp.content.read(200)).decode("utf-8", "replace")
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        return ""
-    text = " ".join(text.split())
-    return f": {text}" if text else ""

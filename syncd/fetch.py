@@ -41,7 +41,7 @@ async def fetch(session: aiohttp.ClientSession, sync: Sync, *, max_bytes: int) -
             timeout=aiohttp.ClientTimeout(total=sync.spec.timeout),
         ) as resp:
             if not 200 <= resp.status < 300:
-                snippet = await _snippet(resp)
+                snippet = await error_snippet(resp)
                 raise FetchError(f"{where} answered HTTP {resp.status} {resp.reason or ''}".rstrip() + snippet)
             if resp.content_length is not None and resp.content_length > max_bytes:
                 raise FetchError(f"{where}: response of {resp.content_length} bytes exceeds max_response_bytes ({max_bytes})")
@@ -68,7 +68,7 @@ async def fetch(session: aiohttp.ClientSession, sync: Sync, *, max_bytes: int) -
         raise FetchError(scrub(f"{where}: {type(exc).__name__}: {exc}", sync.secrets)) from None
 
 
-async def _snippet(resp: aiohttp.ClientResponse) -> str:
+async def error_snippet(resp: aiohttp.ClientResponse) -> str:
     """The start of an error body, which often says why (`{"error":"invalid token"}`)."""
     try:
         text = (await resp.content.read(200)).decode("utf-8", "replace")

@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     webhook_retry_schedule: Annotated[list[Duration], NoDecode, BeforeValidator(_split_list)] = Field(
         DEFAULT_RETRY_SCHEDULE, description="Delays between delivery attempts (±20% jitter); after the last one an event becomes a dead letter."
     )
-    webhook_secret: SecretStr | None = Field(None, description="Default signing secret (whsec_...) for syncs without their own.")
+    webhook_secret: SecretStr | None = Field(None, description="Default signing secret (whsec_...) for syncs without their own. Prefer $CREDENTIALS_DIRECTORY/webhook_secret or the environment: a flag shows in ps.")
     max_concurrent_polls: int = Field(16, ge=1, le=1024, description="Polls running at once across all syncs.")
     allow_insecure_webhooks: bool = Field(False, description="Allow http:// webhook URLs to non-loopback hosts.")
     shutdown_timeout: Duration = Field(10.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight polls and deliveries may take to finish; what is left stays queued.")

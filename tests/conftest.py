@@ -55,16 +55,20 @@ class Upstream:
         return [r for r in self.requests if r["path"].split("?")[0] == path]
 
 
+async def serve(handler) -> tuple[web.AppRunner, int]:
+    """Serve `handler` for every method and path on 127.0.0.1 and a free port."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, runner.addresses[0][1]
+
+
 @pytest.fixture
 async def upstream():
     api = Upstream()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", api.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    api.port = runner.addresses[0][1]
+    runner, api.port = await serve(api.handle)
     api.url = f"http://127.0.0.1:{api.port}"
     try:
         yield api
@@ -153,13 +157,8 @@ class Receiver:
 @pytest.fixture
 async def receiver():
     hook = Receiver()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", hook.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    hook.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    runner, port = await serve(hook.handle)
+    hook.url = f"http://127.0.0.1:{port}"
     try:
         yield hook
     finally:

@@ -225,3 +225,10 @@ async def test_secret_command():
     code, out, _ = await run_cli("secret")
     assert code == 0 and out.startswith("whsec_")
     assert 24 <= len(base64.b64decode(out.strip()[len("whsec_"):])) <= 64
+
+
+def test_a_key_and_its_knit_alias_together_are_an_error(conf_dir):
+    (conf_dir / "a.toml").write_text('webhook_url = "https://h.example.com"\nwebhookURL = "https://other.example.com"\n'
+                                     '[api_details]\nbase_url = "https://a.example.com"\n')
+    syncs, problems = load(conf_dir)
+    assert syncs == {} and any("webhook_url and webhookURL" in p.reason for p in problems), problems
