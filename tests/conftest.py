@@ -26,6 +26,8 @@ class Upstream:
     requests: list[dict[str, Any]] = field(default_factory=list)
     #: Per-path answers that override `body` (path without query string).
     bodies: dict[str, Any] = field(default_factory=dict)
+    #: Per-path delays that override `delay`.
+    delays: dict[str, float] = field(default_factory=dict)
     inflight: dict[str, int] = field(default_factory=dict)
     max_inflight: dict[str, int] = field(default_factory=dict)
     url: str = ""
@@ -43,8 +45,9 @@ class Upstream:
         self.inflight[path] = self.inflight.get(path, 0) + 1
         self.max_inflight[path] = max(self.max_inflight.get(path, 0), self.inflight[path])
         try:
-            if self.delay:
-                await asyncio.sleep(self.delay)
+            delay = self.delays.get(path, self.delay)
+            if delay:
+                await asyncio.sleep(delay)
             answer = self.bodies.get(path, self.body)
             body = answer if isinstance(answer, bytes) else orjson.dumps(answer)
             return web.Response(body=body, status=self.status, content_type=self.content_type, headers=self.headers)

@@ -270,3 +270,17 @@ async def test_two_hundred_syncs_no_starvation_no_overlap(upstream, receiver, co
     assert min(counts) >= 25, sorted(counts)[:10]
     assert max(counts) <= 35, sorted(counts)[-10:]
     assert max(upstream.max_inflight.values()) == 1  # a poll never overlaps itself
+
+
+async def test_a_slow_poll_delays_only_its_own_sync(upstream, receiver, conf_dir, state_path, daemons):
+    upstream.body = LIST
+    upstream.delays["/slow"] = 4.0
+    sync_file(conf_dir, "slow", upstream, receiver, interval="200ms")
+    sync_file(conf_dir, "fast", upstream, receiver, interval="200ms")
+    d = await daemons("--config-dir", str(conf_dir), "--state-path", str(state_path), "--max-concurrent-polls", "2")
+    await wait_for(lambda: len(upstream.hits("/slow")) >= 1, timeout=5)
+    start = len(upstream.hits("/fast"))
+    await asyncio.sleep(2.5)
+    assert len(upstream.hits("/fast")) - start >= 8  # ~12 expected at 200 ms while /slow hangs
+    assert len(upstream.hits("/slow")) == 1  # never overlapping itself
+    assert await d.stop() == 0
