@@ -22,9 +22,9 @@ from xxhash import xxh3_128_digest
 
 from syncd import diff
 from syncd.config import Sync, scrub
-from syncd.errors import ParseError, RunError
+from syncd.errors import CommitError, ParseError, RunError
 from syncd.fetch import fetch
-from syncd.store import Commit, OutboxEvent, RunRecord, Store
+from syncd.store import Commit, OutboxEvent, RunRecord, StateConflict, Store
 
 log = structlog.get_logger("syncd.engine")
 
@@ -233,7 +233,11 @@ async def _poll(sync: Sync, store: Store | None, session, max_bytes: int, dry_ru
                         record_count=len(old) + result.new - result.deleted)
     if store is not None and not dry_run:
         commit.run = _run_record(result, started)
-        await store.commit_run(commit)
+        commit.expected_generation = state.generation
+        try:
+            await store.commit_run(commit)
+        except StateConflict as exc:
+            raise CommitError(str(exc)) from None
     if big:
         # Off the run's critical path; the reference keeps the task alive until it is done.
         task = asyncio.create_task(asyncio.to_thread(release_memory))

@@ -55,3 +55,9 @@ class ExtractError(RunError):
     """The JSON does not have the shape the sync definition describes (list path missing, not an array)."""
 
     stage = "extract"
+
+
+class CommitError(RunError):
+    """The run's result could not be committed (the state changed under it); nothing was written."""
+
+    stage = "commit"

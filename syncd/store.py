@@ -182,6 +182,13 @@ class Commit:
     replace_all: bool = False  # re-baseline: drop every stored fingerprint first
     record_count: int = 0  # fingerprints stored once the commit is applied
     events: list[OutboxEvent] = field(default_factory=list)
+    #: The sync's generation when the run read its state: if another process (`syncd once`,
+    #: `syncd reset`) committed since, this run's diff is stale and the commit is refused.
+    expected_generation: int = 0
+
+
+class StateConflict(Exception):
+    """The sync's state changed under a run; the run must be repeated against the new state."""
 
 
 class Store:
@@ -275,6 +282,12 @@ class Store:
         run = commit.run
         sid = run.sync_id
         async with self._transaction() as conn:
+            rows = await conn.execute_fetchall("SELECT generation FROM syncs WHERE sync_id = ?", (sid,))
+            current = rows[0][0] if rows else 0
+            if current != commit.expected_generation:
+                raise StateConflict(f"the state of {sid} changed while this run was computing (generation "
+                                    f"{commit.expected_generation} -> {current}: another syncd process or 'syncd reset'); "
+                                    "nothing was written, the next run starts from the new state")
             if commit.replace_all:
                 await conn.execute("DELETE FROM records WHERE sync_id = ?", (sid,))
             if commit.deletes:

@@ -304,3 +304,19 @@ async def test_concurrent_polls_of_different_syncs(upstream, conf_dir, state_pat
         results = await asyncio.gather(*(poll(s, h.store, h.session, max_bytes=10**6) for s in syncs.values()))
         assert all(r.ok and len(r.events) == 2 for r in results)
         assert len(await h.store.outbox()) == 10
+
+
+async def test_a_reset_during_a_run_makes_the_run_fail_not_write_a_partial_state(employees, upstream):
+    await employees.poll()
+    upstream.body["response"]["payload"]["employees"][1]["employee"]["name"] = "Janet"
+    upstream.delay = 1.0
+    run = asyncio.create_task(employees.poll())
+    await asyncio.sleep(0.3)
+    async with await Store.open(employees.settings.state_path) as other:  # another process's view
+        assert await other.reset("employees")
+    result = await run
+    assert not result.ok and "changed while this run" in result.error
+    upstream.delay = 0
+    again = await employees.poll()
+    assert sorted(kinds(again)) == [("record.new", "1"), ("record.new", "2")]
+    assert {e["syncType"] for e in again.parsed} == {"initial_sync"}
