@@ -335,7 +335,8 @@ async def fill_outbox(path: Path, url: str, events: list[tuple[str, str, str, by
         run = RunRecord(run_id=f"run_bench{i}", sync_id=SYNC_ID, started_at=now, finished_at=time.time(),
                         outcome="changed", sync_type="delta_sync", records=len(events), modified=len(chunk))
         await store.commit_run(Commit(run, "bench-shape", b"\0" * 16, record_count=len(events), events=[
-            OutboxEvent(eid, SYNC_ID, rid, etype, url, now, body) for eid, rid, etype, body in chunk]))
+            OutboxEvent(eid, SYNC_ID, rid, etype, url, now, body) for eid, rid, etype, body in chunk],
+            expected_generation=i // per_commit))
     store.outbox_changed.clear()  # the deliverer must find them in the table, as after a restart
     return store
 

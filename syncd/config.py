@@ -158,7 +158,7 @@ class Sync:
     id: str
     file: Path
     spec: SyncSpec = field(repr=False)  # with ${NAME} resolved: never log it whole
-    url: str
+    url: str = field(repr=False)
     list_path: JsonPath | None
     id_path: JsonPath | None
     ignore_paths: tuple[JsonPath, ...]
@@ -171,8 +171,8 @@ class Sync:
 
     @property
     def display_url(self) -> str:
-        """The API URL without query string or credentials, safe to log."""
-        return safe_url(self.url)
+        """The API URL without query string, credentials or ${NAME} values, safe to log."""
+        return scrub(safe_url(self.url), self.secrets)
 
 
 def safe_url(url: str) -> str:

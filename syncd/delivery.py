@@ -9,11 +9,12 @@ the earlier one is recorded as delivered or dead — not even across a crash.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 
 import aiohttp
@@ -28,6 +29,8 @@ log = structlog.get_logger("syncd.delivery")
 
 IDLE_RECHECK = 1.0  # seconds between outbox checks when idle (events written by other processes)
 BATCH = 256
+SYNC_LIST_REFRESH = 0.5  # seconds between looks at which syncs have due events
+MAX_SYNCS_PER_REFILL = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +38,7 @@ class Target:
     """Where and how to deliver a sync's events."""
 
     url: str | None  # None: use the URL stored with the event
-    secret: str | None
+    secret: str | None = field(repr=False)
 
 
 @dataclass(slots=True)
@@ -89,6 +92,13 @@ class Deliverer:
         self.drain_timeout = drain_timeout
         self._claimed: set[int] = set()  # seqs read and not yet committed
         self._claimed_records: set[tuple[str, str]] = set()
+        self._claims_by_sync: Counter[str] = Counter()
+        self._busy_by_sync: Counter[str] = Counter()
+        self._shared_cap = max(1, concurrency * 3 // 4)
+        self._due_syncs: list[str] = []
+        self._due_syncs_at = 0.0
+        self._turn = 0  # round-robin offset over syncs
+        self._store_failing = False
         self._ready: deque[PendingEvent] = deque()  # claimed, waiting for a worker
         self._results: asyncio.Queue[Outcome] = asyncio.Queue()
         # One wake-up for the feeder: new events committed (the store sets it), outcomes
@@ -121,7 +131,10 @@ class Deliverer:
                 await asyncio.wait(not_done)
             if self._cancelled:
                 log.warning("in-flight deliveries cancelled at shutdown; they stay queued", cancelled=self._cancelled)
-            await self._results.join()
+            try:
+                await asyncio.wait_for(self._results.join(), max(self.drain_timeout, 1.0))
+            except asyncio.TimeoutError:
+                log.error("could not record the last delivery outcomes before stopping; those events will be sent again")
             for task in (writer, stopper):
                 task.cancel()
             await asyncio.gather(writer, stopper, return_exceptions=True)
@@ -135,20 +148,32 @@ class Deliverer:
     async def _feed(self, stop: asyncio.Event) -> None:
         """Keep the ready queue topped up from the outbox; sleep when there is nothing due."""
         store, low = self.store, self.concurrency
+        backoff = 0.5
         while not stop.is_set():
             self._wake.clear()
-            if len(self._ready) < low:
-                found = await self._refill()
-                if found:
-                    async with self._work:
-                        self._work.notify(found)
-                    if len(self._ready) < low:
-                        continue  # there may be more right behind
             timeout = IDLE_RECHECK
-            if not self._ready and not self._in_flight and not self._claimed:
-                due = await store.next_due()
-                if due is not None:
-                    timeout = min(IDLE_RECHECK, max(0.01, due - time.time()))
+            try:
+                now = time.time()
+                if now - self._due_syncs_at > SYNC_LIST_REFRESH:
+                    self._due_syncs, self._due_syncs_at = await store.due_syncs(now), now
+                # A sync with due events and nothing claimed is starving behind the others' backlog.
+                starving = any(s not in self._claims_by_sync for s in self._due_syncs)
+                if (len(self._ready) < low or starving) and not self._store_failing:
+                    found = await self._refill()
+                    if found:
+                        async with self._work:
+                            self._work.notify(found)
+                        if len(self._ready) < low:
+                            continue  # there may be more right behind
+                if not self._ready and not self._in_flight and not self._claimed:
+                    due = await store.next_due()
+                    if due is not None:
+                        timeout = min(IDLE_RECHECK, max(0.01, due - time.time()))
+                backoff = 0.5
+            except Exception:
+                # The state database is unreadable (locked for long, I/O error): keep trying, slowly.
+                log.exception("cannot read the outbox; retrying", retry_in=backoff)
+                timeout, backoff = backoff, min(backoff * 2, 30.0)
             if stop.is_set():
                 break
             try:
@@ -157,31 +182,70 @@ class Deliverer:
                 pass
 
     async def _refill(self) -> int:
-        rows = await self.store.due_events(time.time(), len(self._claimed) + BATCH)
-        found = 0
-        for event in rows:
-            key = (event.sync_id, event.record_id)
-            if event.seq in self._claimed or key in self._claimed_records:
+        """Claim due events, taking turns between syncs so that one sync's backlog or dead receiver
+        never holds up the others."""
+        now = time.time()
+        if not self._due_syncs:
+            self._due_syncs, self._due_syncs_at = await self.store.due_syncs(now), now
+        syncs = self._due_syncs
+        if not syncs:
+            return 0
+        shared = len(syncs) > 1
+        # With several syncs due, one may claim at most 3/4 of the slots, so the ready queue
+        # interleaves them instead of holding one sync's backlog.
+        cap = self._shared_cap
+        start = self._turn % len(syncs)
+        self._turn += 1
+        order = (syncs[start:] + syncs[:start])[:MAX_SYNCS_PER_REFILL]
+        batches: list[list[PendingEvent]] = []
+        for sync_id in order:
+            held = self._claims_by_sync[sync_id]
+            room = min(BATCH, cap - held) if shared else BATCH
+            if room <= 0:
                 continue
-            self._claimed.add(event.seq)
-            self._claimed_records.add(key)
-            self._ready.append(event)
-            found += 1
+            rows = await self.store.due_events(now, held + room, sync_id=sync_id if shared else None)
+            fresh = [e for e in rows if e.seq not in self._claimed and (e.sync_id, e.record_id) not in self._claimed_records]
+            batches.append(fresh[:room])
+        found = 0
+        for group in itertools.zip_longest(*batches):
+            for event in group:
+                if event is None:
+                    continue
+                self._claimed.add(event.seq)
+                self._claimed_records.add((event.sync_id, event.record_id))
+                self._claims_by_sync[event.sync_id] += 1
+                self._ready.append(event)
+                found += 1
+        if not found:
+            self._due_syncs_at = 0.0  # look again next time: the list may be stale
         return found
 
+    def _take(self) -> PendingEvent | None:
+        """The first ready event whose sync is below its share of the workers: all of them while
+        one sync has events due, 3/4 once several do (so a sync whose receiver hangs cannot keep
+        the others out for longer than one webhook_timeout)."""
+        ready, busy = self._ready, self._busy_by_sync
+        cap = self.concurrency if len(self._due_syncs) <= 1 else self._shared_cap
+        for i, event in enumerate(ready):
+            if busy[event.sync_id] < cap:
+                del ready[i]
+                return event
+        return None
+
     async def _worker(self) -> None:
-        ready, work = self._ready, self._work
+        work = self._work
         while True:
-            if not ready:
-                async with work:
-                    await work.wait_for(lambda: bool(ready) or self._stopping)
+            event = None if self._stopping else self._take()
+            if event is None:
                 if self._stopping:
                     return
+                async with work:
+                    await work.wait()  # the feeder found more, or stop
                 continue
-            event = ready.popleft()
-            if len(ready) < self.concurrency:
+            if len(self._ready) < self.concurrency:
                 self._wake.set()  # running low: let the feeder look for more
             self._in_flight += 1
+            self._busy_by_sync[event.sync_id] += 1
             try:
                 outcome = await self._post(event)
             except asyncio.CancelledError:
@@ -189,8 +253,13 @@ class Deliverer:
                 self._cancelled += 1
                 self._release([event])
                 raise
+            except Exception as exc:  # a bug must cost one attempt, never the worker or the claim
+                log.exception("delivery attempt failed with an internal error; please report it",
+                              sync=event.sync_id, event_id=event.event_id)
+                outcome = Outcome(event, False, None, f"internal error: {type(exc).__name__}")
             finally:
                 self._in_flight -= 1
+                self._busy_by_sync[event.sync_id] -= 1
             self._results.put_nowait(outcome)
             if self._stopping:
                 return
@@ -227,51 +296,78 @@ class Deliverer:
                 self.metrics.delivery_duration.labels(event.sync_id).observe(time.perf_counter() - t0)
 
     async def _writer(self) -> None:
-        """Persist outcomes in batches: one transaction for everything that finished meanwhile."""
+        """Persist outcomes in batches: one transaction for everything that finished meanwhile.
+
+        If the database refuses the write, the outcomes and their claims are kept and the write is
+        retried: releasing them would send the same events again at once, in a loop."""
+        batch: list[Outcome] = []
+        backoff = 0.5
         while True:
-            batch = [await self._results.get()]
+            if not batch:
+                batch.append(await self._results.get())
             while not self._results.empty():
                 batch.append(self._results.get_nowait())
+            delivered, retries, dead, notes = self._plan(batch)
             try:
-                await self._persist(batch)
+                await self.store.record_attempts(delivered, retries, dead)
             except Exception:
-                log.exception("could not record delivery outcomes; the events stay queued and will be sent again")
-            finally:
-                self._release([o.event for o in batch])
-                for _ in batch:
-                    self._results.task_done()
-                self._wake.set()  # released records may have their next event due
+                self._store_failing = True
+                log.exception("could not record delivery outcomes; keeping them and retrying",
+                              outcomes=len(batch), retry_in=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            self._store_failing, backoff = False, 0.5
+            self._account(batch, notes)
+            self._release([o.event for o in batch])
+            for _ in batch:
+                self._results.task_done()
+            batch = []
+            self._wake.set()  # released records may have their next event due
 
-    async def _persist(self, batch: list[Outcome]) -> None:
+    def _plan(self, batch: list[Outcome]) -> tuple[list, list, list, list]:
         now = time.time()
-        delivered, retries, dead = [], [], []
-        metrics = self.metrics
+        delivered, retries, dead, notes = [], [], [], []
         for o in batch:
             e = o.event
-            counted = metrics is not None and metrics.known(e.sync_id)
             if o.ok:
                 delivered.append(e.seq)
-                self.delivered += 1
-                if counted:
-                    metrics.deliveries.labels(e.sync_id).inc()
                 continue
-            self.failed_attempts += 1
-            if counted:
-                metrics.delivery_failures.labels(e.sync_id).inc()
             attempts = e.attempts + 1
             delay = None if o.gone else next_delay(attempts, self.schedule, o.retry_after)
             if delay is None:
                 dead.append((attempts, now, o.status, o.error, e.seq))
+            else:
+                retries.append((attempts, now + delay, o.status, o.error, e.seq))
+            notes.append((o, attempts, delay))
+        return delivered, retries, dead, notes
+
+    def _account(self, batch: list[Outcome], notes: list) -> None:
+        """Counters, metrics and logs, once the outcomes are committed."""
+        metrics = self.metrics
+        for o in batch:
+            if o.ok:
+                self.delivered += 1
+                if metrics is not None and metrics.known(o.event.sync_id):
+                    metrics.deliveries.labels(o.event.sync_id).inc()
+        for o, attempts, delay in notes:
+            e = o.event
+            self.failed_attempts += 1
+            if metrics is not None and metrics.known(e.sync_id):
+                metrics.delivery_failures.labels(e.sync_id).inc()
+            if delay is None:
                 log.warning("event is now a dead letter", sync=e.sync_id, event_id=e.event_id, record_id=e.record_id,
                             attempts=attempts, error=o.error,
                             hint="replay with: syncd deliveries replay --event " + e.event_id)
             else:
-                retries.append((attempts, now + delay, o.status, o.error, e.seq))
                 log.info("delivery failed; will retry", sync=e.sync_id, event_id=e.event_id, attempts=attempts,
                          retry_in=round(delay, 3), error=o.error)
-        await self.store.record_attempts(delivered, retries, dead)
 
     def _release(self, events: list[PendingEvent]) -> None:
         for e in events:
-            self._claimed.discard(e.seq)
-            self._claimed_records.discard((e.sync_id, e.record_id))
+            if e.seq in self._claimed:
+                self._claimed.discard(e.seq)
+                self._claimed_records.discard((e.sync_id, e.record_id))
+                self._claims_by_sync[e.sync_id] -= 1
+                if self._claims_by_sync[e.sync_id] <= 0:
+                    del self._claims_by_sync[e.sync_id]

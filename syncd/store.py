@@ -74,6 +74,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_by_record ON outbox (sync_id, record_id, seq);
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at, seq) WHERE dead_at IS NULL;
+CREATE INDEX IF NOT EXISTS outbox_due_by_sync ON outbox (sync_id, next_attempt_at, seq) WHERE dead_at IS NULL;
 CREATE INDEX IF NOT EXISTS outbox_dead ON outbox (dead_at) WHERE dead_at IS NOT NULL;
 """
 
@@ -202,11 +203,14 @@ class Store:
         self._cache: dict[str, tuple[int, dict[str, bytes]]] = {}
         # One connection serves every task: transactions must not interleave on it.
         self._tx_lock = asyncio.Lock()
+        # Held while a run's commit is open: outbox reads wait for it, because this connection
+        # would otherwise see the events of a commit that may still roll back.
+        self._run_commit = asyncio.Lock()
         #: Set whenever this process adds deliverable events (a run's commit, a replay).
         self.outbox_changed = asyncio.Event()
 
     @classmethod
-    async def open(cls, path: Path | str, *, readonly: bool = False) -> Store:
+    async def open(cls, path: Path | str, *, readonly: bool = False, busy_timeout: float = 10.0) -> Store:
         path = Path(path)
         if readonly:
             conn = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
@@ -214,7 +218,8 @@ class Store:
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = await aiosqlite.connect(path, isolation_level=None)
         try:
-            await conn.execute("PRAGMA busy_timeout = 10000")
+            # Another syncd process (`syncd once`, `reset`, `deliveries replay`) may hold the write lock briefly.
+            await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
             if not readonly:
                 await conn.execute("PRAGMA journal_mode = WAL")
                 # WAL + NORMAL: a process crash loses nothing committed; a power cut may lose the
@@ -281,7 +286,7 @@ class Store:
         """Write a successful run: fingerprints, outbox events, sync row and history, atomically."""
         run = commit.run
         sid = run.sync_id
-        async with self._transaction() as conn:
+        async with self._run_commit, self._transaction() as conn:
             rows = await conn.execute_fetchall("SELECT generation FROM syncs WHERE sync_id = ?", (sid,))
             current = rows[0][0] if rows else 0
             if current != commit.expected_generation:
@@ -388,35 +393,48 @@ class Store:
 
     # -- outbox --------------------------------------------------------------------------------
 
-    async def due_events(self, now: float, limit: int) -> list[PendingEvent]:
+    async def due_events(self, now: float, limit: int, sync_id: str | None = None) -> list[PendingEvent]:
         """Deliverable events: due, not dead, and the oldest undelivered event of their record
         (a later event of a record waits until the earlier one is delivered or dead)."""
-        rows = await self._conn.execute_fetchall(
-            """
-            SELECT o.seq, o.event_id, o.sync_id, o.record_id, o.event_type, o.webhook_url, o.body, o.attempts, o.created_at
-            FROM outbox o
-            WHERE o.dead_at IS NULL AND o.next_attempt_at <= ?
-              AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.sync_id = o.sync_id AND p.record_id = o.record_id
-                              AND p.seq < o.seq AND p.dead_at IS NULL)
-            ORDER BY o.next_attempt_at, o.seq
-            LIMIT ?
-            """,
-            (now, limit),
-        )
+        where = "o.sync_id = ? AND " if sync_id is not None else ""
+        args = (sync_id, now, limit) if sync_id is not None else (now, limit)
+        # Never while a run's commit is open: a webhook could go out for a run that then rolls back.
+        async with self._run_commit:
+            rows = await self._conn.execute_fetchall(
+                f"""
+                SELECT o.seq, o.event_id, o.sync_id, o.record_id, o.event_type, o.webhook_url, o.body, o.attempts, o.created_at
+                FROM outbox o
+                WHERE {where}o.dead_at IS NULL AND o.next_attempt_at <= ?
+                  AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.sync_id = o.sync_id AND p.record_id = o.record_id
+                                  AND p.seq < o.seq AND p.dead_at IS NULL)
+                ORDER BY o.next_attempt_at, o.seq
+                LIMIT ?
+                """,
+                args,
+            )
         return [PendingEvent(*row) for row in rows]
+
+    async def due_syncs(self, now: float) -> list[str]:
+        """Syncs with undelivered events due now (some may be waiting behind an earlier event)."""
+        async with self._run_commit:
+            rows = await self._conn.execute_fetchall(
+                "SELECT DISTINCT sync_id FROM outbox WHERE dead_at IS NULL AND next_attempt_at <= ?", (now,)
+            )
+        return [row[0] for row in rows]
 
     async def next_due(self) -> float | None:
         """When the earliest pending event is due (None when nothing is pending)."""
         # Only heads count: an event queued behind an earlier one of its record is not deliverable
         # however old its own next_attempt_at is (counting it would make an idle deliverer spin).
-        rows = await self._conn.execute_fetchall(
-            """
-            SELECT MIN(o.next_attempt_at) FROM outbox o
-            WHERE o.dead_at IS NULL
-              AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.sync_id = o.sync_id AND p.record_id = o.record_id
-                              AND p.seq < o.seq AND p.dead_at IS NULL)
-            """
-        )
+        async with self._run_commit:
+            rows = await self._conn.execute_fetchall(
+                """
+                SELECT MIN(o.next_attempt_at) FROM outbox o
+                WHERE o.dead_at IS NULL
+                  AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.sync_id = o.sync_id AND p.record_id = o.record_id
+                                  AND p.seq < o.seq AND p.dead_at IS NULL)
+                """
+            )
         return rows[0][0]
 
     async def record_attempts(self, delivered: list[int], retries: list[tuple], dead: list[tuple]) -> None:

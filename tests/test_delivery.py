@@ -29,16 +29,17 @@ class Rig:
     """An upstream API, a sync whose webhook_url is the receiver, a store, and a deliverer."""
 
     def __init__(self, upstream, receiver, conf_dir, state_path, *, schedule=(0.05, 0.1), concurrency=4,
-                 timeout=5.0, secret=SECRET, path="/hook"):
+                 timeout=5.0, secret=SECRET, path="/hook", busy_timeout=10.0):
         self.upstream, self.receiver = upstream, receiver
         (conf_dir / "people.toml").write_text(
             f'webhook_url = "{receiver.url}{path}"\nlist_identifier = "$.items"\nrecord_identifier = "$.id"\n'
             f'[api_details]\nbase_url = "{upstream.url}"\npath = "/api"\n')
         self.settings = load_settings({"config_dir": conf_dir, "state_path": state_path})
         self.schedule, self.concurrency, self.timeout, self.secret = list(schedule), concurrency, timeout, secret
+        self.busy_timeout = busy_timeout
 
     async def __aenter__(self):
-        self.store = await Store.open(self.settings.state_path)
+        self.store = await Store.open(self.settings.state_path, busy_timeout=self.busy_timeout)
         self.poll_session = client_session()
         self.hook_session = aiohttp.ClientSession()
         self.deliverer = Deliverer(self.store, self.hook_session, concurrency=self.concurrency, timeout=self.timeout,
@@ -54,11 +55,11 @@ class Rig:
         await self.poll_session.close()
         await self.store.close()
 
-    async def poll(self, items):
+    async def poll(self, items, sync_id="people"):
         self.upstream.body = {"items": items}
         syncs, problems = load_dir(self.settings)
         assert not problems
-        result = await poll(syncs["people"], self.store, self.poll_session, max_bytes=10**7)
+        result = await poll(syncs[sync_id], self.store, self.poll_session, max_bytes=10**7)
         assert result.ok, result.error
         return [orjson.loads(b) for b in result.events]
 
@@ -308,3 +309,48 @@ async def test_deliveries_cli(upstream, receiver, conf_dir, state_path):
     assert code == 0 and "purged 2" in out
     code, _, err = await run_cli("deliveries", "purge", "--before", "1h", *base)
     assert code == 2 and "--dead" in err
+
+
+async def test_a_dead_receiver_of_one_sync_does_not_hold_up_another(upstream, receiver, conf_dir, state_path):
+    hang = asyncio.Event()
+
+    async def respond(entry):
+        if entry["path"] == "/stuck":
+            await hang.wait()
+        return None
+
+    receiver.respond = respond
+    async with Rig(upstream, receiver, conf_dir, state_path, concurrency=4, timeout=1.5, path="/stuck",
+                   schedule=[60]) as rig:
+        await rig.poll([{"id": i} for i in range(40)])  # 40 events to a receiver that never answers
+        await wait_for(lambda: rig.deliverer._in_flight == 4, timeout=5)
+        (conf_dir / "other.toml").write_text(
+            f'webhook_url = "{receiver.url}/hook"\nlist_identifier = "$.items"\nrecord_identifier = "$.id"\n'
+            f'[api_details]\nbase_url = "{upstream.url}"\npath = "/api"\n')
+        await rig.poll([{"id": "x"}, {"id": "y"}], sync_id="other")
+        # At most one webhook_timeout later the stuck sync has to share the workers: the other
+        # sync's events go out long before the 40 stuck ones could have timed out 4 at a time.
+        await wait_for(lambda: len(receiver.delivered()) == 2, timeout=4)
+        hang.set()
+
+
+async def test_outcomes_that_cannot_be_recorded_are_kept_not_resent(upstream, receiver, conf_dir, state_path):
+    import sqlite3
+
+    async with Rig(upstream, receiver, conf_dir, state_path, busy_timeout=0.05) as rig:
+        locker = sqlite3.connect(state_path, timeout=0.05, isolation_level=None)
+        await rig.poll([{"id": i} for i in range(5)])
+        locker.execute("BEGIN EXCLUSIVE")  # writers now fail with 'database is locked'; readers go on
+        try:
+            await wait_for(lambda: len(receiver.received) == 5, timeout=5)
+            await asyncio.sleep(1.0)
+            assert len(receiver.received) == 5  # delivered once each, not again and again
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        for _ in range(200):
+            if not await rig.outbox():
+                break
+            await asyncio.sleep(0.05)
+        assert await rig.outbox() == []
+    assert len(receiver.received) == 5

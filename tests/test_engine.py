@@ -320,3 +320,56 @@ async def test_a_reset_during_a_run_makes_the_run_fail_not_write_a_partial_state
     again = await employees.poll()
     assert sorted(kinds(again)) == [("record.new", "1"), ("record.new", "2")]
     assert {e["syncType"] for e in again.parsed} == {"initial_sync"}
+
+
+async def test_secrets_in_the_url_path_never_reach_errors(upstream, conf_dir, state_path, monkeypatch):
+    monkeypatch.setenv("PATH_TOKEN", "supersecrettoken")
+    upstream.delay = 2
+    write_sync(conf_dir, "keyed", upstream.url, path="/v1/${PATH_TOKEN}/items", extra='timeout = "200ms"')
+    async with Harness(conf_dir, state_path, sync_id="keyed") as h:
+        slow = await h.poll()
+        write_sync(conf_dir, "keyed", "http://127.0.0.1:9", path="/v1/${PATH_TOKEN}/items")
+        refused = await h.poll()
+        syncs, _ = load_dir(h.settings)
+        assert "supersecrettoken" not in repr(syncs["keyed"]) + syncs["keyed"].display_url
+    assert not slow.ok and not refused.ok
+    assert "supersecrettoken" not in slow.error + refused.error
+    assert "***" in slow.error
+
+
+async def test_redirects_are_followed_only_on_the_same_origin(conf_dir, state_path, monkeypatch):
+    from aiohttp import web
+
+    from conftest import serve
+
+    monkeypatch.setenv("KEY", "apikey-secret-123")
+    seen_elsewhere = []
+
+    async def elsewhere(request):
+        seen_elsewhere.append(dict(request.headers))
+        return web.json_response(SEED)
+
+    other, other_port = await serve(elsewhere)
+
+    async def api(request):
+        if request.path == "/old":
+            raise web.HTTPFound("/new")
+        if request.path == "/away":
+            raise web.HTTPFound(f"http://127.0.0.1:{other_port}/data")
+        assert request.headers["X-Api-Key"] == "apikey-secret-123"
+        return web.json_response(SEED)
+
+    runner, port = await serve(api)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        write_sync(conf_dir, "employees", base, path="/old", api_extra='headers = { "X-Api-Key" = "${KEY}" }')
+        async with Harness(conf_dir, state_path) as h:
+            followed = await h.poll()
+            write_sync(conf_dir, "employees", base, path="/away", api_extra='headers = { "X-Api-Key" = "${KEY}" }')
+            refused = await h.poll()
+    finally:
+        await runner.cleanup()
+        await other.cleanup()
+    assert followed.ok and len(followed.events) == 2
+    assert not refused.ok and "another origin" in refused.error and "base_url" in refused.error
+    assert seen_elsewhere == []  # the API key never left the API's host
