@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import base64
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,33 @@ def _settings_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group(_SETTINGS_HELP_GROUP)
     group.add_argument("--settings", metavar="FILE", default=argparse.SUPPRESS,
                        help="settings file (TOML); default /etc/syncd/syncd.toml if it exists, or SYNCD_SETTINGS_FILE")
+    from pydantic_core import PydanticUndefined
+
+    from syncd.units import format_duration
+
     for name, info in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        kwargs: dict[str, Any] = {"dest": f"setting_{name}", "default": argparse.SUPPRESS, "help": (info.description or "").replace("%", "%%")}
+        text = info.description or ""
+        choices = getattr(info.annotation, "__args__", ()) if "Literal" in str(info.annotation) else ()
+        if choices:
+            text += f" One of: {', '.join(choices)}."
+        default = info.default
+        if name == "webhook_retry_schedule":
+            default = ",".join(default)
+        elif name == "max_response_bytes":
+            default = f"{default // 2**20}MiB"
+        elif any(getattr(m, "func", None) is format_duration for m in info.metadata):
+            default = format_duration(default)
+        elif default is PydanticUndefined or name == "webhook_secret":
+            default = None  # computed (state_path) or none (webhook_secret): the description says
+        if default is not None:
+            text += f" Default: {default}."
+        kwargs: dict[str, Any] = {"dest": f"setting_{name}", "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
         if info.annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif name == "webhook_retry_schedule":
             kwargs["metavar"] = "LIST"
-            kwargs["help"] += " Comma-separated, e.g. 5s,30s,2m."
+            kwargs["help"] += " Comma-separated on the command line."
         else:
             kwargs["metavar"] = name.split("_")[-1].upper()
         group.add_argument(flag, **kwargs)
@@ -176,7 +196,7 @@ def cmd_once(args: argparse.Namespace) -> int:
 
 
 async def _once(settings: Settings, sync_id: str, dry_run: bool) -> int:
-    from syncd.config import load_dir
+    from syncd.config import declared_id, load_dir
     from syncd.engine import poll
     from syncd.errors import Problem
     from syncd.fetch import client_session
@@ -185,9 +205,11 @@ async def _once(settings: Settings, sync_id: str, dry_run: bool) -> int:
     syncs, problems = load_dir(settings)
     sync = syncs.get(sync_id)
     if sync is None:
-        mine = [p for p in problems if Path(p.source).stem == sync_id or f"'{sync_id}'" in p.reason]
+        mine = [p for p in problems if p.source.endswith(".toml") and declared_id(Path(p.source)) == sync_id]
         if mine or any(p.key == "config_dir" for p in problems):
             raise ConfigError(mine or problems)
+        for problem in problems:
+            print(f"warning: {problem}", file=sys.stderr)
         known = ", ".join(sorted(syncs)) or "none"
         print(f"syncd: no sync with id {sync_id!r} in {settings.config_dir} (valid syncs: {known})", file=sys.stderr)
         return EX_USAGE
@@ -252,6 +274,10 @@ async def _serve(settings: Settings, daemon=None) -> int:
     except OSError as exc:
         log.error("cannot start", error=str(exc),
                   hint="check --listen (is the port free?) and that state_path's directory is writable")
+        return EX_FAILURE
+    except sqlite3.DatabaseError as exc:
+        log.error("cannot use the state database", state_path=str(settings.state_path), error=str(exc),
+                  hint="is state_path an SQLite file syncd wrote? restore it from a backup, or move it away to start afresh")
         return EX_FAILURE
     return EX_OK
 

@@ -227,7 +227,9 @@ class _Resolver:
             except OSError:
                 value = None
         if value is None:
-            where = " or $CREDENTIALS_DIRECTORY" if self._creds else " (and CREDENTIALS_DIRECTORY is not set)"
+            where = (f" or in {self._creds}" if self._creds else
+                     " (nor CREDENTIALS_DIRECTORY: outside systemd, set it to the directory LoadCredential= reads, "
+                     "e.g. CREDENTIALS_DIRECTORY=/etc/syncd/credentials)")
             self.problems.append(Problem(self.source, key, f"variable ${{{name}}} is not set in the environment{where}"))
             return ""
         if value:
@@ -298,6 +300,16 @@ def scrub(text: str, secrets: set[str] | frozenset[str]) -> str:
         if len(secret) >= 4:
             text = text.replace(secret, "***")
     return text
+
+
+def declared_id(path: Path) -> str:
+    """The id a definition file claims, read leniently (for messages about files that are invalid)."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return path.stem
+    value = data.get("idempotency_id", data.get("idempotencyId"))
+    return value if isinstance(value, str) else path.stem
 
 
 def definition_files(config_dir: Path) -> list[Path]:

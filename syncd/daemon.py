@@ -96,6 +96,7 @@ class Daemon:
             ]
             if self.notifier.watchdog_interval:
                 tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval), name="watchdog"))
+            await self._warn_about_orphans()
             self._ready = True
             log.info("syncd started", syncs=len(self.syncs), listen=f"{self.address[0]}:{self.address[1]}",
                      state=str(settings.state_path), config_dir=str(settings.config_dir))
@@ -109,7 +110,11 @@ class Daemon:
                 if self._reload.is_set() and not self._stop.is_set():
                     self._reload.clear()
                     self.notifier.reloading()
-                    self._apply_config()
+                    try:
+                        self._apply_config()
+                    except Exception:  # the running syncs stay as they were
+                        self.metrics.reload_failures.inc()
+                        log.exception("reload failed with an internal error; the previous configuration keeps running")
                     self.notifier.ready(self._status_line())
 
             log.info("stopping: no new polls; finishing in-flight work", timeout=settings.shutdown_timeout)
@@ -133,6 +138,15 @@ class Daemon:
             await hook_session.close()
             await store.close()
             self.notifier.close()
+
+    async def _warn_about_orphans(self) -> None:
+        stats = await self._store.outbox_stats()
+        for sync_id, s in sorted(stats.items()):
+            if sync_id not in self.syncs and s.pending:
+                log.warning("queued webhooks of a sync that has no definition", sync=sync_id, pending=s.pending,
+                            hint="they go to the URL they were created with, signed with the daemon's "
+                                 "webhook_secret (a per-sync secret is not stored); restore the definition "
+                                 "or purge them with 'syncd deliveries' once dead")
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -193,6 +207,14 @@ class Daemon:
         """Reload when a *.toml in config_dir is added, changed or removed (stat polling)."""
         seen = _snapshot(self.settings.config_dir)
         while True:
+            try:
+                seen = await self._watch_once(seen)
+            except Exception:  # never lose the watcher: log and keep watching
+                log.exception("config_dir watcher failed; retrying")
+                await asyncio.sleep(5)
+
+    async def _watch_once(self, seen: dict) -> dict:
+        while True:
             await asyncio.sleep(WATCH_INTERVAL)
             now = _snapshot(self.settings.config_dir)
             if now == seen:
@@ -204,9 +226,9 @@ class Daemon:
                 if again == now:
                     break
                 now = again
-            seen = now
             log.info("config_dir changed; reloading")
             self.request_reload()
+            return now
 
     # -- observation ---------------------------------------------------------------------------
 

@@ -88,6 +88,10 @@ def _record_id(value: Any) -> str | None:
     if kind is int:
         return str(value)
     if kind is float:
+        if abs(value) >= 2**53:
+            # A number beyond what a double holds exactly (e.g. an integer over 64 bits, which the
+            # parser turns into a float): two different ids could collide, so it is no id at all.
+            return None
         # 3.0 and 3 are the same number in JSON; send integral floats as "3", never as "3.0".
         return str(int(value)) if value.is_integer() else repr(value)
     return None
@@ -136,7 +140,10 @@ def snapshot(document: Any, sync_id: str, list_path: JsonPath | None, id_path: J
                 invalid += 1
                 if len(examples) < 3:
                     raw = get_id_safe(get_id, record)
-                    examples.append(f"item {index}: {'no id' if raw is MISSING else 'id is ' + _json_type(raw)}")
+                    what = "no id" if raw is MISSING else "id is " + _json_type(raw)
+                    if type(raw) is float:
+                        what = f"id {raw!r} is too large to be exact (over 2^53)"
+                    examples.append(f"item {index}: {what}")
                 continue
         add_id(value)
         keep(record)

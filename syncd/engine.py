@@ -9,6 +9,7 @@ import asyncio
 import ctypes
 import gc
 import os
+import sqlite3
 import threading
 import time
 from contextlib import contextmanager
@@ -172,16 +173,30 @@ async def poll(sync: Sync, store: Store | None, session: aiohttp.ClientSession, 
     result = RunResult(sync.id, run_id, "failed")
     with structlog.contextvars.bound_contextvars(sync=sync.id, run=run_id):
         try:
-            await _poll(sync, store, session, max_bytes, dry_run, result, started)
+            try:
+                await _poll(sync, store, session, max_bytes, dry_run, result, started)
+            except CommitError as exc:
+                # The state moved under this run (another process committed or reset it): nothing
+                # is wrong with the API, so run once more against the new state right away.
+                log.info("state changed during the poll; polling again", reason=exc.reason)
+                result = RunResult(sync.id, run_id, "failed")
+                await _poll(sync, store, session, max_bytes, dry_run, result, started)
         except RunError as exc:
             result.outcome, result.error, result.events = "failed", f"{exc.stage}: {exc.reason}", []
             log.warning("poll failed", stage=exc.stage, error=exc.reason)
+        except sqlite3.Error as exc:
+            result.outcome, result.error, result.events = "failed", f"state database: {exc}", []
+            log.error("poll failed: the state database refused it", error=str(exc),
+                      hint="check state_path's disk space and permissions; another process may hold a lock")
         except Exception as exc:  # a bug must fail this run only, never the daemon or other syncs
             result.outcome, result.error, result.events = "failed", f"internal error: {type(exc).__name__}: {scrub(str(exc), sync.secrets)}", []
             log.exception("poll failed with an internal error; please report it", error=result.error)
         result.duration = time.perf_counter() - t0
         if result.outcome == "failed" and store is not None and not dry_run:
-            await store.record_run(_run_record(result, started))
+            try:
+                await store.record_run(_run_record(result, started))
+            except sqlite3.Error as exc:
+                log.error("could not record the failed poll in the state database", error=str(exc))
     return result
 
 

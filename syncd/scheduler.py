@@ -141,4 +141,5 @@ class Scheduler:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
-            log.warning("polls cancelled at shutdown; nothing of them was committed", cancelled=len(pending))
+            log.warning("polls cancelled at shutdown; a cancelled poll commits nothing unless its commit had begun",
+                        cancelled=len(pending))

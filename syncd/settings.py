@@ -7,6 +7,7 @@ import os
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, ByteSize, Field, SecretStr, ValidationError, field_validator
@@ -69,7 +70,7 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(16, ge=1, le=1024, description="Webhook deliveries in flight at once.")
     webhook_timeout: Duration = Field(30.0, gt=0, description="Timeout of one delivery attempt.")
     webhook_retry_schedule: Annotated[list[Duration], NoDecode, BeforeValidator(_split_list)] = Field(
-        DEFAULT_RETRY_SCHEDULE, description="Delays between delivery attempts (±20% jitter); after the last one an event becomes a dead letter."
+        DEFAULT_RETRY_SCHEDULE, min_length=1, description="Delays between delivery attempts (±20% jitter); after the last one an event becomes a dead letter."
     )
     webhook_secret: SecretStr | None = Field(None, description="Default signing secret (whsec_...) for syncs without their own. Prefer $CREDENTIALS_DIRECTORY/webhook_secret or the environment: a flag shows in ps.")
     max_concurrent_polls: int = Field(16, ge=1, le=1024, description="Polls running at once across all syncs.")
@@ -165,11 +166,25 @@ def load_settings(overrides: dict[str, Any] | None = None, settings_file: str | 
             raise ConfigError([Problem(source, "settings", f"cannot read: {exc}")]) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([toml_problem(source, exc)]) from None
+    overrides = overrides or {}
+
+    def source_of(key: str) -> str:
+        """Where the value of setting `key` came from, so the operator looks in the right place."""
+        if key in overrides:
+            return "--" + key.replace("_", "-")
+        env = "SYNCD_" + key.upper()
+        if env in os.environ:
+            return f"{env} (environment)"
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        if key in SECRET_SETTINGS and credentials and (Path(credentials) / key).is_file():
+            return str(Path(credentials) / key)
+        return source if key in data else "settings"
+
     token = _settings_file_data.set(data)
     try:
-        return Settings(**(overrides or {}))
+        return Settings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(problems_from_validation(exc, source if data else "settings", env_prefix="SYNCD_")) from None
+        raise ConfigError(problems_from_validation(exc, source_of)) from None
     finally:
         _settings_file_data.reset(token)
 
@@ -188,11 +203,13 @@ def toml_problem(source: str, exc: tomllib.TOMLDecodeError) -> Problem:
     return Problem(source, key, message)
 
 
-def problems_from_validation(exc: ValidationError, source: str, env_prefix: str = "") -> list[Problem]:
-    """One Problem per pydantic error, with the dotted key the user wrote and a plain reason."""
+def problems_from_validation(exc: ValidationError, source: str | Callable[[str], str]) -> list[Problem]:
+    """One Problem per pydantic error, with the dotted key the user wrote and a plain reason.
+    `source` is the file, or a function from the top-level key to where its value came from."""
     problems = []
     for err in exc.errors(include_url=False, include_input=False):
         key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        where = source(str(err["loc"][0]) if err["loc"] else "") if callable(source) else source
         reason = err["msg"]
         if err["type"] == "extra_forbidden":
             reason = "unknown key (check the spelling; see the configuration reference in the README)"
@@ -200,5 +217,5 @@ def problems_from_validation(exc: ValidationError, source: str, env_prefix: str 
             reason = "required key is missing"
         elif reason.startswith("Value error, "):
             reason = reason[len("Value error, "):]
-        problems.append(Problem(source, key, reason))
+        problems.append(Problem(where, key, reason))
     return problems

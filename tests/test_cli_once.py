@@ -77,6 +77,10 @@ async def test_once_unknown_or_invalid_sync(upstream, conf_dir, state_path):
     assert code == 2 and "employees" in err
     code, _, err = await run_cli("once", "broken", *base)
     assert code == 78 and "broken.toml: webhook_url" in err
+    (conf_dir / "named.toml").write_text('idempotency_id = "tickets"\nwebhook_url = 2\n')
+    code, _, err = await run_cli("once", "tickets", *base)  # the file name is not the id
+    assert code == 78 and "named.toml: webhook_url" in err
+    (conf_dir / "named.toml").unlink()
     upstream.body = copy.deepcopy(SEED)
     code, out, err = await run_cli("once", "employees", *base)
     assert code == 0 and len(events(out)) == 2

@@ -206,9 +206,9 @@ async def test_check_cli_bad_settings_and_missing_dir(tmp_path):
     code, _, err = await run_cli("check", "--config-dir", str(tmp_path / "nope"))
     assert code == 78 and "config_dir" in err and "not found" in err
     code, _, err = await run_cli("check", "--config-dir", str(tmp_path), "--webhook-concurrency", "zero")
-    assert code == 78 and "webhook_concurrency" in err
+    assert code == 78 and "--webhook-concurrency: webhook_concurrency:" in err
     code, _, err = await run_cli("check", "--config-dir", str(tmp_path), env=cli_env(SYNCD_LOG_LEVEL="loud"))
-    assert code == 78 and "log_level" in err
+    assert code == 78 and "SYNCD_LOG_LEVEL (environment): log_level:" in err
     code, out, _ = await run_cli("check", "--config-dir", str(tmp_path), env=cli_env(SYNCD_SETTINGS_FILE=str(tmp_path / "x.toml")))
     assert code == 78
 

@@ -113,3 +113,13 @@ def test_id_lookup_matches_the_jsonpath_fast_path(value, steps):
         got = MISSING
     expected = path.get(value)
     assert got is expected or (got == expected and type(got) is type(expected))
+
+
+def test_ids_too_large_to_be_exact_are_invalid_not_merged():
+    import orjson as _orjson
+
+    doc = _orjson.loads(b'{"items": [{"id": 18446744073709551616}, {"id": 18446744073709551617}, {"id": 9007199254740993}]}')
+    snap = diff.snapshot(doc, "s", LIST, ID)
+    # The first two parse to the same float; the third is a 64-bit int and stays exact.
+    assert snap.invalid_ids == 2 and list(snap.fingerprints) == ["9007199254740993"]
+    assert "too large" in snap.invalid_examples[0]
