@@ -47,7 +47,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -121,6 +120,8 @@ def serve() -> None:
     """Child process: answer every POST with 204 (counting them), GET /stats, until stdin closes."""
     from aiohttp import web
 
+    from _child import serve_until_parent_exits
+
     stats = {"posts": 0, "signed": 0, "bytes": 0}
 
     async def hook(request: web.Request) -> web.Response:
@@ -138,25 +139,10 @@ def serve() -> None:
                 stats[k] = 0
         return web.Response(body=body, content_type="application/json")
 
-    async def main() -> None:
-        app = web.Application()
-        app.router.add_post("/{tail:.*}", hook)
-        app.router.add_get("/stats", get_stats)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
-        await site.start()
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        # The parent holds our stdin: EOF means it is gone (or done), so we never outlive it.
-        threading.Thread(target=lambda: (sys.stdin.buffer.read(), loop.call_soon_threadsafe(stop.set)), daemon=True).start()
-        print(runner.addresses[0][1], flush=True)
-        try:
-            await stop.wait()
-        finally:
-            await runner.cleanup()
-
-    asyncio.run(main())
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", hook)
+    app.router.add_get("/stats", get_stats)
+    serve_until_parent_exits(app, backlog=1024)
 
 
 class Receiver:
@@ -534,7 +520,7 @@ async def profile_run(receiver: Receiver, tmp: Path, url: str, events, concurren
         print(f"    {name:16s} {calls:7d} calls  {seconds:7.3f} s  ({seconds / calls * 1e6:7.1f} us/call){extra}")
     print(f"  syncd run, top {top} functions by own time:")
     print_stats(prof, "tottime", top)
-    print(f"  syncd run, syncd/aiosqlite/signing functions by cumulative time:")
+    print("  syncd run, syncd/aiosqlite/signing functions by cumulative time:")
     print_stats(prof, "cumulative", top, r"syncd|aiosqlite|hmac")
 
 

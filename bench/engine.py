@@ -41,7 +41,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -112,6 +111,8 @@ def serve(directory: Path, n: int) -> None:
     """Child process: make the bodies, write them to `directory`, serve /v1 and /v2 until stdin closes."""
     from aiohttp import web
 
+    from _child import serve_until_parent_exits
+
     v1, v2 = make_bodies(n)
     (directory / "v1.json").write_bytes(v1)
     (directory / "v2.json").write_bytes(v2)
@@ -123,24 +124,9 @@ def serve(directory: Path, n: int) -> None:
             return web.Response(status=404)
         return web.Response(body=body, content_type="application/json")
 
-    async def main() -> None:
-        app = web.Application()
-        app.router.add_get("/{tail:.*}", handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        # The parent holds our stdin: EOF means it is gone (or done), so we never outlive it.
-        threading.Thread(target=lambda: (sys.stdin.buffer.read(), loop.call_soon_threadsafe(stop.set)), daemon=True).start()
-        print(runner.addresses[0][1], flush=True)
-        try:
-            await stop.wait()
-        finally:
-            await runner.cleanup()
-
-    asyncio.run(main())
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handle)
+    serve_until_parent_exits(app)
 
 
 def start_server(directory: Path, n: int) -> tuple[subprocess.Popen, int]:

@@ -198,7 +198,6 @@ def cmd_once(args: argparse.Namespace) -> int:
 async def _once(settings: Settings, sync_id: str, dry_run: bool) -> int:
     from syncd.config import declared_id, load_dir
     from syncd.engine import poll
-    from syncd.errors import Problem
     from syncd.fetch import client_session
     from syncd.store import Store
 

@@ -17,11 +17,10 @@ from typing import Any, Literal
 import orjson
 import xxhash
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
-from pydantic_core import PydanticCustomError
 from yarl import URL
 
 from syncd.errors import ConfigError, Problem
-from syncd.jsonpath import JsonPath, JsonPathError, compile_path
+from syncd.jsonpath import JsonPath, compile_path
 from syncd.signing import secret_key
 from syncd.settings import Settings, problems_from_validation, toml_problem
 from syncd.units import Duration

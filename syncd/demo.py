@@ -10,7 +10,6 @@ import hashlib
 import hmac
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path

@@ -95,7 +95,7 @@ def write_sync(conf_dir: Path, name: str, upstream_url: str, *, path: str = "/ap
                list_identifier: str | None = "$.response.payload.employees",
                record_identifier: str | None = "$.employee.id", api_extra: str = "") -> Path:
     """Write conf.d/NAME.toml for a sync polling `upstream_url + path`."""
-    lines = [f'webhook_url = "http://127.0.0.1:9/hook"']
+    lines = ['webhook_url = "http://127.0.0.1:9/hook"']
     if list_identifier:
         lines.append(f"list_identifier = {orjson.dumps(list_identifier).decode()}")
     if record_identifier:

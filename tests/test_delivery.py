@@ -11,7 +11,6 @@ import time
 
 import aiohttp
 import orjson
-import pytest
 
 from syncd.config import load_dir
 from syncd.delivery import Deliverer, Target, next_delay, parse_retry_after
@@ -20,7 +19,7 @@ from syncd.fetch import client_session
 from syncd.settings import load_settings
 from syncd.store import Store
 
-from conftest import cli_env, run_cli, wait_for, write_sync
+from conftest import run_cli, wait_for
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 
