@@ -11,6 +11,7 @@ import time
 
 import aiohttp
 import orjson
+import pytest
 
 from syncd.config import load_dir
 from syncd.delivery import Deliverer, Target, next_delay, parse_retry_after
@@ -90,6 +91,21 @@ async def test_body_headers_and_signatures(upstream, receiver, conf_dir, state_p
         assert h["webhook-signature"] == "v1," + standard_signature(SECRET, h["webhook-id"], h["webhook-timestamp"], body)
         assert h["X-Knit-Signature"] == knit_signature(SECRET, body)
         assert "=" not in h["X-Knit-Signature"]
+
+
+async def test_the_official_standard_webhooks_library_verifies_our_signatures(upstream, receiver, conf_dir, state_path):
+    from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+    async with Rig(upstream, receiver, conf_dir, state_path) as rig:
+        await rig.poll([{"id": 1, "name": "Ann"}, {"id": 2, "name": "Bob"}])
+        await wait_for(lambda: len(receiver.delivered()) == 2)
+    verifier = Webhook(SECRET)
+    for entry in receiver.received:
+        headers = {k.lower(): v for k, v in entry["headers"].items()}
+        assert verifier.verify(entry["body"], headers) == entry["event"]
+        tampered = entry["body"].replace(b"Ann", b"Eve").replace(b"Bob", b"Eve")
+        with pytest.raises(WebhookVerificationError):
+            verifier.verify(tampered, headers)
 
 
 async def test_plain_secret_is_used_as_utf8_bytes(upstream, receiver, conf_dir, state_path):
