@@ -284,3 +284,24 @@ async def test_a_slow_poll_delays_only_its_own_sync(upstream, receiver, conf_dir
     assert len(upstream.hits("/fast")) - start >= 8  # ~12 expected at 200 ms while /slow hangs
     assert len(upstream.hits("/slow")) == 1  # never overlapping itself
     assert await d.stop() == 0
+
+
+async def test_half_written_files_and_editor_renames_cause_no_errors(upstream, receiver, conf_dir, state_path, daemons):
+    upstream.body = LIST
+    sync_file(conf_dir, "a", upstream, receiver)
+    d = await daemons("--config-dir", str(conf_dir), "--state-path", str(state_path))
+    text = (conf_dir / "a.toml").read_text().replace('path = "/a"', 'path = "/a2"')
+    for _ in range(3):
+        # A slow writer: the first half, a pause shorter than the settle time, then the rest.
+        with open(conf_dir / "b.toml", "w") as f:
+            f.write(text[:40])
+            f.flush()
+            await asyncio.sleep(0.1)
+            f.write(text[40:].replace("/a2", "/b"))
+        # An editor: write a hidden temporary, then rename it over the file.
+        (conf_dir / ".a.toml.tmp").write_text(text)
+        os.replace(conf_dir / ".a.toml.tmp", conf_dir / "a.toml")
+        await asyncio.sleep(0.7)
+    await wait_for(lambda: len(upstream.hits("/a2")) >= 1 and len(upstream.hits("/b")) >= 1, timeout=5)
+    assert d.events("invalid sync definition") == []
+    assert await d.stop() == 0
