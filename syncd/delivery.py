@@ -107,6 +107,7 @@ class Deliverer:
         self._work = asyncio.Condition()
         self._stopping = False
         self._in_flight = 0
+        self._cancelled = 0  # attempts cut off at shutdown
         self.delivered = 0
         self.failed_attempts = 0
 
@@ -138,8 +139,6 @@ class Deliverer:
             for task in (writer, stopper):
                 task.cancel()
             await asyncio.gather(writer, stopper, return_exceptions=True)
-
-    _cancelled = 0
 
     async def _on_stop(self, stop: asyncio.Event) -> None:
         await stop.wait()
