@@ -1,8 +1,9 @@
-"""The benchmarks' child servers: run an aiohttp app on 127.0.0.1 until the parent goes away."""
+"""Helpers the benchmarks share: child servers on 127.0.0.1 and peak-RSS measurement."""
 
 from __future__ import annotations
 
 import asyncio
+import resource
 import sys
 import threading
 
@@ -27,3 +28,17 @@ def serve_until_parent_exits(app: web.Application, backlog: int = 128) -> None:
             await runner.cleanup()
 
     asyncio.run(main())
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's RSS high-water mark (Linux >= 4.0), so ru_maxrss becomes per run."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -54,6 +54,8 @@ from pathlib import Path
 import aiohttp
 import orjson
 
+from _child import peak_rss_mib, reset_peak_rss
+
 TARGET_RATIO = 0.60  # syncd events/s / baseline events/s, at least
 SYNC_ID = "bench"
 SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
@@ -189,20 +191,6 @@ class Receiver:
 
 
 # -- measurement helpers ----------------------------------------------------------------------------
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def reset_peak_rss() -> bool:
-    """Reset the process's RSS high-water mark (Linux >= 4.0), so ru_maxrss becomes per run."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def others_busy(seconds: float = 0.5) -> float | None:

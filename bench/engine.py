@@ -36,7 +36,6 @@ import functools
 import gc
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,8 @@ from pathlib import Path
 
 import orjson
 from xxhash import xxh3_128_digest
+
+from _child import peak_rss_mib, reset_peak_rss
 
 TARGET_RATIO = 0.70  # syncd 1%-changed throughput / baseline throughput, at least
 TARGET_UNCHANGED = 0.05  # unchanged-run time / 1%-changed-run time, below
@@ -235,20 +236,6 @@ GC = GcClock()
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def reset_peak_rss() -> bool:
-    """Reset the process's RSS high-water mark (Linux >= 4.0), so ru_maxrss becomes per run."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def fail(message: str) -> None:

@@ -290,6 +290,21 @@ def _open_state(settings: Settings):
     return Store.open(settings.state_path)
 
 
+def _with_store(settings: Settings, fn):
+    """`await fn(store)` on the state database; None (after saying why) when there is none yet."""
+    async def go():
+        opened = _open_state(settings)
+        if opened is None:
+            return None
+        store = await opened
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
 def _fmt_time(ts: float | None) -> str:
     if ts is None:
         return "-"
@@ -314,17 +329,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
 
-    async def collect():
-        opened = _open_state(settings)
-        if opened is None:
-            return [], {}
-        store = await opened
-        try:
-            return await store.all_states(), await store.outbox_stats()
-        finally:
-            await store.close()
+    async def collect(store):
+        return await store.all_states(), await store.outbox_stats()
 
-    states, stats = asyncio.run(collect())
+    states, stats = _with_store(settings, collect) or ([], {})
     by_id = {s.sync_id: s for s in states}
     out = []
     for sync_id in sorted(set(syncs) | set(by_id)):
@@ -356,17 +364,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_reset(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
 
-    async def reset() -> bool | None:
-        opened = _open_state(settings)
-        if opened is None:
-            return None
-        store = await opened
-        try:
-            return await store.reset(args.sync_id)
-        finally:
-            await store.close()
-
-    found = asyncio.run(reset())
+    found = _with_store(settings, lambda store: store.reset(args.sync_id))
     if not found:
         print(f"syncd: no state for sync {args.sync_id!r} in {settings.state_path}; nothing to reset", file=sys.stderr)
         return EX_USAGE
@@ -394,20 +392,6 @@ def parse_time(text: str) -> float:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
     return dt.timestamp()
-
-
-def _with_store(settings: Settings, fn):
-    async def go():
-        opened = _open_state(settings)
-        if opened is None:
-            return None
-        store = await opened
-        try:
-            return await fn(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(go())
 
 
 def cmd_deliveries_list(args: argparse.Namespace) -> int:
