@@ -19,7 +19,7 @@ import xxhash
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from yarl import URL
 
-from syncd.errors import ConfigError, Problem
+from syncd.errors import Problem
 from syncd.jsonpath import JsonPath, compile_path
 from syncd.signing import secret_key
 from syncd.settings import Settings, problems_from_validation, toml_problem
@@ -340,11 +340,3 @@ def load_dir(settings: Settings) -> tuple[dict[str, Sync], list[Problem]]:
             others = ", ".join(str(o.file) for o in group if o is not sync)
             problems.append(Problem(str(sync.file), "idempotency_id", f"{sync_id!r} is also used by {others}; every sync needs its own id"))
     return syncs, problems
-
-
-def require_valid(settings: Settings) -> dict[str, Sync]:
-    """load_dir, raising ConfigError if anything is wrong."""
-    syncs, problems = load_dir(settings)
-    if problems:
-        raise ConfigError(problems)
-    return syncs

@@ -62,7 +62,6 @@ class RunResult:
     deleted: int = 0
     invalid_ids: int = 0
     duplicate_ids: int = 0
-    deletes_held: bool = False
     duration: float = 0.0
 
     @property
@@ -224,7 +223,6 @@ async def _poll(sync: Sync, store: Store | None, session, max_bytes: int, dry_ru
     result.records = len(a.fingerprints)
     result.invalid_ids, result.duplicate_ids = a.invalid_ids, a.duplicate_ids
     if a.invalid_ids:
-        result.deletes_held = True
         log.warning("records without a usable id were skipped; no record.deleted this run",
                     skipped=a.invalid_ids, examples=a.invalid_examples, record_identifier=sync.id_path.text)
     if a.duplicate_ids:

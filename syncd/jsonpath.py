@@ -7,6 +7,7 @@ through jsonpath-rw with its crashing nodes replaced by guarded twins.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from jsonpath_rw import jsonpath as rw
@@ -202,8 +203,10 @@ class JsonPath:
         return out
 
 
+@functools.lru_cache(maxsize=1024)
 def compile_path(text: str) -> JsonPath:
-    """Parse `text` once. Raises JsonPathError with jsonpath-rw's reason."""
+    """Parse `text` once (validation and the loaded sync share the result; reloads reuse it).
+    Raises JsonPathError with jsonpath-rw's reason."""
     if not isinstance(text, str) or not text.strip():
         raise JsonPathError("empty JSONPath expression")
     try:

@@ -42,10 +42,6 @@ class Scheduler:
         # Loops of removed syncs still finishing a poll: a re-added sync waits for them.
         self._retiring: dict[str, asyncio.Task] = {}
 
-    @property
-    def sync_ids(self) -> list[str]:
-        return list(self._entries)
-
     def running_polls(self) -> int:
         return sum(e.polling for e in self._entries.values())
 
