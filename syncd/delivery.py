@@ -15,12 +15,11 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 
 import aiohttp
 import structlog
 
-from syncd.fetch import USER_AGENT, error_snippet
+from syncd.http import USER_AGENT, describe_error, error_snippet, parse_retry_after
 from syncd.metrics import Metrics
 from syncd.signing import sign_headers
 from syncd.store import PendingEvent, Store
@@ -49,19 +48,6 @@ class Outcome:
     error: str | None = None
     retry_after: float | None = None
     gone: bool = False
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
 
 
 def next_delay(attempts: int, schedule: list[float], retry_after: float | None, rnd: random.Random = random._inst) -> float | None:
@@ -284,12 +270,8 @@ class Deliverer:
                 else:
                     error = f"HTTP {status}{detail}"
                 return Outcome(event, False, status, error, retry_after, gone=status == 410)
-        except asyncio.TimeoutError:
-            return Outcome(event, False, None, f"no response within webhook_timeout ({self.timeout.total:g}s)")
-        except aiohttp.ClientConnectorError as exc:
-            return Outcome(event, False, None, f"cannot connect to {exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error}")
-        except aiohttp.ClientError as exc:
-            return Outcome(event, False, None, f"{type(exc).__name__}: {exc}")
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            return Outcome(event, False, None, describe_error(exc, self.timeout.total, "webhook_timeout"))
         finally:
             if self.metrics is not None and self.metrics.known(event.sync_id):
                 self.metrics.delivery_duration.labels(event.sync_id).observe(time.perf_counter() - t0)

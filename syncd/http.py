@@ -1,0 +1,64 @@
+"""HTTP helpers shared by polling and delivery: sessions, the user agent, error messages, Retry-After.
+
+Polling (`syncd.source`) and delivery (`syncd.delivery`) both use this module and never each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from email.utils import parsedate_to_datetime
+
+import aiohttp
+
+from syncd import __version__
+
+USER_AGENT = f"syncd/{__version__}"
+
+
+def poll_session(**kwargs) -> aiohttp.ClientSession:
+    """The session shared by every sync's polls (one connection pool for the process).
+
+    auto_decompress stays on: the response size caps then apply to decompressed bytes (no gzip
+    bombs). Per-host concurrency is bounded by `max_requests_per_host`, not by the connector."""
+    connector = aiohttp.TCPConnector(limit=256, limit_per_host=0, ttl_dns_cache=300)
+    return aiohttp.ClientSession(connector=connector, headers={"User-Agent": USER_AGENT}, **kwargs)
+
+
+def webhook_session(concurrency: int) -> aiohttp.ClientSession:
+    """The session that delivers webhooks: as many connections as deliveries in flight."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=0),
+        headers={"User-Agent": USER_AGENT},
+    )
+
+
+def describe_error(exc: BaseException, timeout: float | None, timeout_name: str = "the timeout") -> str:
+    """A one-line reason for an aiohttp or timeout error, for a log line or a run's error."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"no complete response within {timeout_name} of {timeout:g}s" if timeout else "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def error_snippet(resp: aiohttp.ClientResponse) -> str:
+    """The start of an error body, which often says why (`{"error":"invalid token"}`)."""
+    try:
+        text = (await resp.content.read(200)).decode("utf-8", "replace")
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return ""
+    text = " ".join(text.split())
+    return f": {text}" if text else ""
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
