@@ -98,69 +98,121 @@ def _record_id(value: Any) -> str | None:
 
 
 def snapshot(document: Any, sync_id: str, list_path: JsonPath | None, id_path: JsonPath | None, ignore: tuple[JsonPath, ...] = ()) -> Snapshot:
-    """Extract and fingerprint every record of a parsed response.
+    """Extract and fingerprint every record of one parsed response (see SnapshotBuilder)."""
+    builder = SnapshotBuilder(sync_id, list_path, id_path, ignore)
+    builder.add(document)
+    return builder.finish()
 
-    List mode: `list_path` must lead to an array (ExtractError otherwise; an empty array is valid).
-    Whole mode (no list_path): the document is one record whose id is the sync id.
+
+class SnapshotBuilder:
+    """The records of a run, fed page by page: duplicate and invalid ids are counted across pages.
+
+    List mode: `list_path` must lead to an array on every page (ExtractError otherwise; an empty
+    array is valid). Whole mode (no list_path): the document is one record whose id is the sync id.
     """
-    if list_path is None:
-        return Snapshot({sync_id: fingerprint(document, ignore)}, {sync_id: document})
-    found = list_path.find(document)
-    if not found:
-        raise ExtractError(f"list_identifier {list_path.text} matched nothing in the response")
-    if len(found) > 1:
-        raise ExtractError(f"list_identifier {list_path.text} matched {len(found)} values; it must lead to one array")
-    items = found[0]
-    if type(items) is not list:
-        raise ExtractError(f"list_identifier {list_path.text} leads to {_json_type(items)}, not an array")
 
-    ids: list[Any] = []
-    digests: list[bytes] = []
-    kept: list[Any] = []
-    add_id, add_digest, keep = ids.append, digests.append, kept.append
-    invalid = duplicates = 0
-    examples: list[str] = []
-    all_str = True
-    dumps = orjson.dumps
-    get_id = _getter(id_path)
-    ignore_list = list(ignore)
-    # Once per record: keep it flat. Ids are collected raw and turned into strings in one C-level
-    # pass afterwards (str() per int inside this loop was a third of its time).
-    for index, record in enumerate(items):
-        try:
-            value = get_id(record)
-        except (KeyError, TypeError, IndexError):
-            value = MISSING
-        kind = type(value)
-        if kind is int:
-            all_str = False
-        elif kind is not str:
-            value = _record_id(value)
-            if value is None:
-                invalid += 1
-                if len(examples) < 3:
-                    raw = get_id_safe(get_id, record)
-                    what = "no id" if raw is MISSING else "id is " + _json_type(raw)
-                    if type(raw) is float:
-                        what = f"id {raw!r} is too large to be exact (over 2^53)"
-                    examples.append(f"item {index}: {what}")
-                continue
-        add_id(value)
-        keep(record)
-        add_digest(xxh3_128_digest(dumps(without(record, ignore_list) if ignore_list else record, option=_SORT)))
-    keys = ids if all_str else list(map(str, ids))
-    fingerprints = dict(zip(keys, digests))
-    if len(fingerprints) == len(keys):
-        records = dict(zip(keys, kept))
-    else:  # duplicate ids: the first occurrence wins
-        fingerprints, records = {}, {}
-        for key, digest, record in zip(keys, digests, kept):
-            if key in fingerprints:
-                duplicates += 1
-                continue
-            fingerprints[key] = digest
-            records[key] = record
-    return Snapshot(fingerprints, records, invalid, duplicates, examples)
+    def __init__(self, sync_id: str, list_path: JsonPath | None, id_path: JsonPath | None, ignore: tuple[JsonPath, ...] = ()) -> None:
+        self.sync_id = sync_id
+        self.list_path = list_path
+        self.id_path = id_path
+        self.ignore = list(ignore)
+        self._get_id = _getter(id_path)
+        self._ids: list[Any] = []
+        self._digests: list[bytes] = []
+        self._kept: list[Any] = []
+        self._all_str = True
+        self.items = 0  # records seen, usable or not
+        self.invalid = 0
+        self.examples: list[str] = []
+        self._first_skipped: Any = MISSING
+        self._whole: Snapshot | None = None
+
+    def add(self, document: Any, page: int | None = None) -> None:
+        """Add the records of one parsed page (`page`: its number, for messages)."""
+        if self.list_path is None:
+            self.items += 1
+            self._whole = Snapshot({self.sync_id: fingerprint(document, tuple(self.ignore))}, {self.sync_id: document})
+            return
+        list_path = self.list_path
+        where = f" of page {page}" if page else ""
+        found = list_path.find(document)
+        if not found:
+            raise ExtractError(f"list_identifier {list_path.text} matched nothing in the response{where}")
+        if len(found) > 1:
+            raise ExtractError(f"list_identifier {list_path.text} matched {len(found)} values{where}; it must lead to one array")
+        items = found[0]
+        if type(items) is not list:
+            raise ExtractError(f"list_identifier {list_path.text} leads to {_json_type(items)}{where}, not an array")
+        self._add_items(items, page)
+
+    def _add_items(self, items: list, page: int | None) -> None:
+        add_id, add_digest, keep = self._ids.append, self._digests.append, self._kept.append
+        get_id = self._get_id
+        ignore_list = self.ignore
+        dumps = orjson.dumps
+        all_str = self._all_str
+        invalid = 0
+        # Once per record: keep it flat. Ids are collected raw and turned into strings in one C-level
+        # pass at the end (str() per int inside this loop was a third of its time).
+        for index, record in enumerate(items):
+            try:
+                value = get_id(record)
+            except (KeyError, TypeError, IndexError):
+                value = MISSING
+            kind = type(value)
+            if kind is int:
+                all_str = False
+            elif kind is not str:
+                value = _record_id(value)
+                if value is None:
+                    invalid += 1
+                    self._note_invalid(record, index, page)
+                    continue
+            add_id(value)
+            keep(record)
+            add_digest(xxh3_128_digest(dumps(without(record, ignore_list) if ignore_list else record, option=_SORT)))
+        self._all_str = all_str
+        self.invalid += invalid
+        self.items += len(items)
+
+    def _note_invalid(self, record: Any, index: int, page: int | None) -> None:
+        if self._first_skipped is MISSING:
+            self._first_skipped = record
+        if len(self.examples) < 3:
+            raw = get_id_safe(self._get_id, record)
+            what = "no id" if raw is MISSING else "id is " + _json_type(raw)
+            if type(raw) is float:
+                what = f"id {raw!r} is too large to be exact (over 2^53)"
+            self.examples.append((f"page {page} " if page else "") + f"item {index}: {what}")
+
+    def finish(self) -> Snapshot:
+        """The snapshot of every page added. Fails (ExtractError) when the list is non-empty and no
+        record had a usable id: a wrong record_identifier must never look like an empty list."""
+        if self.list_path is None:
+            return self._whole or Snapshot({}, {})
+        if self.items and not self._ids:
+            first = self._first_skipped
+            keys = ", ".join(list(first)[:12]) if type(first) is dict else f"it is {_json_type(first)}, not an object"
+            raise ExtractError(
+                f"none of the {self.items} records has a usable id at record_identifier {self.id_path.text if self.id_path else '(unset)'}"
+                f" (first record's keys: {keys or 'none'}); fix record_identifier"
+            )
+        keys = self._ids if self._all_str else list(map(str, self._ids))
+        digests, kept = self._digests, self._kept
+        fingerprints = dict(zip(keys, digests))
+        duplicates = 0
+        if len(fingerprints) == len(keys):
+            records = dict(zip(keys, kept))
+        else:  # duplicate ids: the first occurrence wins
+            fingerprints, records = {}, {}
+            for key, digest, record in zip(keys, digests, kept):
+                if key in fingerprints:
+                    duplicates += 1
+                    continue
+                fingerprints[key] = digest
+                records[key] = record
+        self._ids, self._digests, self._kept = [], [], []
+        return Snapshot(fingerprints, records, self.invalid, duplicates, self.examples)
 
 
 @dataclass(slots=True)
