@@ -56,6 +56,8 @@ def _settings_parser() -> argparse.ArgumentParser:
         elif name == "webhook_retry_schedule":
             kwargs["metavar"] = "LIST"
             kwargs["help"] += " Comma-separated on the command line."
+        elif info.annotation is int:
+            kwargs["metavar"] = "N"
         else:
             kwargs["metavar"] = name.split("_")[-1].upper()
         group.add_argument(flag, **kwargs)
@@ -159,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130
+    except sqlite3.DatabaseError as exc:
+        # A state database this syncd cannot use (newer schema, not SQLite, damaged): one line, no traceback.
+        print(f"syncd: cannot use the state database: {exc}", file=sys.stderr)
+        return EX_FAILURE
 
 
 def _configure_logs(settings: Settings) -> None:
@@ -168,7 +174,7 @@ def _configure_logs(settings: Settings) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from syncd.config import load_dir
+    from syncd.config import load_dir, load_warnings
 
     settings = _load_settings(args)
     syncs, problems = load_dir(settings)
@@ -182,6 +188,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     for sync in syncs.values():
         if sync.spec.webhook_secret and (warning := check_secret(sync.spec.webhook_secret)):
             print(f"{sync.file}: webhook_secret: warning: {warning}", file=sys.stderr)
+        for warning in load_warnings(sync):
+            print(f"{sync.file}: tls_verify: warning: {warning}", file=sys.stderr)
     if not args.quiet:
         n = len(syncs)
         print(f"syncd: configuration OK: {n} sync{'s' * (n != 1)} in {settings.config_dir}"
@@ -196,9 +204,10 @@ def cmd_once(args: argparse.Namespace) -> int:
 
 
 async def _once(settings: Settings, sync_id: str, dry_run: bool) -> int:
-    from syncd.config import declared_id, load_dir
+    from syncd.config import declared_id, load_dir, load_warnings
     from syncd.engine import poll
-    from syncd.fetch import client_session
+    from syncd.http import poll_session
+    from syncd.source.fetcher import Source
     from syncd.store import Store
 
     syncs, problems = load_dir(settings)
@@ -220,9 +229,13 @@ async def _once(settings: Settings, sync_id: str, dry_run: bool) -> int:
         store = await Store.open(settings.state_path)
     elif settings.state_path.exists():
         store = await Store.open(settings.state_path, readonly=True)
+    for warning in load_warnings(sync):
+        print(f"warning: {sync.file}: {warning}", file=sys.stderr)
     try:
-        async with client_session() as session:
-            result = await poll(sync, store, session, max_bytes=int(settings.max_response_bytes), dry_run=dry_run)
+        async with poll_session() as session:
+            source = Source(session, max_bytes=int(settings.max_response_bytes),
+                            max_requests_per_host=settings.max_requests_per_host)
+            result = await poll(sync, store, source, dry_run=dry_run)
     finally:
         if store is not None:
             await store.close()
@@ -230,10 +243,36 @@ async def _once(settings: Settings, sync_id: str, dry_run: bool) -> int:
     for body in result.events:
         out.write(body + b"\n")
     out.flush()
+    if result.warning:
+        print(f"syncd: warning: {sync_id}: {result.warning}", file=sys.stderr)
+    if dry_run:
+        print(_dry_run_summary(result), file=sys.stderr)
     if not result.ok:
         print(f"syncd: poll of {sync_id} failed: {result.error}", file=sys.stderr)
         return EX_FAILURE
     return EX_OK
+
+
+def _dry_run_summary(result) -> str:
+    """One screen on what a dry run found and would have done."""
+    lines = [f"syncd: dry run of {result.sync_id}: nothing was written and nothing sent"]
+    lines.append(f"  pages fetched:  {result.pages} ({result.requests} request{'s' * (result.requests != 1)})")
+    if not result.ok:
+        lines.append(f"  outcome:        failed: {result.error}")
+        return "\n".join(lines)
+    lines.append(f"  records:        {result.records if result.records is not None else 'unknown'}")
+    skipped = f"  skipped ids:    {result.invalid_ids}"
+    if result.invalid_examples:
+        skipped += " (" + "; ".join(result.invalid_examples) + ")"
+    lines.append(skipped)
+    lines.append(f"  duplicate ids:  {result.duplicate_ids}")
+    lines.append(f"  next-page hint: {result.warning or 'none'}")
+    counts = {"record.new": result.new, "record.modified": result.modified, "record.deleted": result.deleted}
+    detail = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+    lines.append(f"  would queue:    {len(result.events)} event{'s' * (len(result.events) != 1)} ({detail})"
+                 + (f" as {result.sync_type}" if result.sync_type else ""))
+    lines.append(f"  outcome:        {result.outcome}")
+    return "\n".join(lines)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -343,6 +382,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "last_run_at": state.last_run_at if state else None,
             "last_outcome": state.last_outcome if state else None,
             "last_error": state.last_error if state else None,
+            "last_warning": state.last_warning if state else None,
             "last_success_at": state.last_success_at if state else None,
             "last_change_at": state.last_change_at if state else None,
             "records": state.record_count if state else 0,
@@ -358,6 +398,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = [[o["id"] + ("" if o["configured"] else " (removed)"), _fmt_time(o["last_run_at"]), o["last_outcome"] or "never run",
              str(o["records"]), str(o["pending_events"]), str(o["dead_events"]), (o["last_error"] or "")[:80]] for o in out]
     print(_table(rows, ["SYNC", "LAST RUN", "OUTCOME", "RECORDS", "PENDING", "DEAD", "LAST ERROR"]))
+    for o in out:
+        if o["last_warning"]:
+            print(f"warning: {o['id']}: {o['last_warning']}")
     return EX_OK
 
 

@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote_plus
 
 import orjson
 import xxhash
@@ -22,6 +23,8 @@ from yarl import URL
 from syncd.errors import Problem
 from syncd.jsonpath import JsonPath, compile_path
 from syncd.signing import secret_key
+from syncd.source.auth import basic_credentials
+from syncd.source.tls import ssl_context
 from syncd.settings import Settings, problems_from_validation, toml_problem
 from syncd.units import Duration
 
@@ -50,6 +53,138 @@ class _Model(BaseModel):
         return data
 
 
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_RATE_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
+
+
+def parse_rate(text: str) -> float:
+    """Requests per second from `"10/s"`, `"600/m"` or `"1000/h"`."""
+    match = _RATE.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"invalid rate {text!r}: write requests per unit of time, e.g. \"10/s\", \"600/m\" or \"1000/h\"")
+    return float(match.group(1)) / _RATE_UNITS[match.group(2)]
+
+
+#: Keys of [api_details.pagination] that belong to one pagination type only.
+_PAGINATION_KEYS = {
+    "page": ("start", "size_param", "size"),
+    "offset": ("start", "limit_param", "limit", "total_path"),
+    "cursor": ("cursor_path", "cursor_from_last_record"),
+    "next_url": ("next_url_path",),
+    "link_header": (),
+}
+_PARAM_DEFAULT = {"page": "page", "offset": "offset", "cursor": "cursor"}
+
+
+class Pagination(_Model):
+    """How to fetch every page of a list (DESIGN §7). Absent: one request."""
+
+    type: Literal["page", "offset", "cursor", "next_url", "link_header"] = Field(description="page | offset | cursor | next_url | link_header (RFC 8288 rel=\"next\").")
+    param: str | None = Field(None, description="page/offset/cursor: name of the parameter sent (default: page, offset, cursor).")
+    param_in: Literal["query", "body", "header"] = Field("query", description="Where the parameter goes: query string, top level of the JSON body, or a header.")
+    start: int | None = Field(None, ge=0, description="page: first page number (default 1); offset: first offset (default 0).")
+    size_param: str | None = Field(None, description="page: name of the page-size parameter, e.g. per_page.")
+    size: int | None = Field(None, ge=1, description="page: page size sent in size_param.")
+    limit_param: str | None = Field(None, description="offset: name of the page-size parameter (default limit when limit is set).")
+    limit: int | None = Field(None, ge=1, description="offset: page size sent in limit_param.")
+    total_path: str | None = Field(None, description="offset: JSONPath to the total number of records; stop when the offset reaches it.")
+    cursor_path: str | None = Field(None, description="cursor: JSONPath to the next cursor in the response.")
+    cursor_from_last_record: str | None = Field(None, description="cursor: JSONPath inside the last record of a page to the next cursor (Stripe's starting_after).")
+    next_url_path: str | None = Field(None, description="next_url: JSONPath to the URL of the next page.")
+    stop_path: str | None = Field(None, description="Any type: stop when the value here is false, null or missing (e.g. $.has_more).")
+    max_pages: int = Field(1000, ge=1, le=1_000_000, description="Reaching this many pages fails the run (a guard against endless lists).")
+
+    @field_validator("total_path", "cursor_path", "cursor_from_last_record", "next_url_path", "stop_path")
+    @classmethod
+    def _jsonpath(cls, value: str | None) -> str | None:
+        if value is not None:
+            compile_path(value)
+        return value
+
+    @model_validator(mode="after")
+    def _keys_fit_type(self) -> Pagination:
+        own = _PAGINATION_KEYS[self.type]
+        for other, keys in _PAGINATION_KEYS.items():
+            for key in keys:
+                if key not in own and getattr(self, key) is not None:
+                    raise ValueError(f"{key} is not used with type = \"{self.type}\" (it belongs to type = \"{other}\")")
+        if self.type in ("next_url", "link_header") and self.param is not None:
+            raise ValueError(f"param is not used with type = \"{self.type}\": the next page's URL comes from the response")
+        if self.type == "cursor" and (self.cursor_path is None) == (self.cursor_from_last_record is None):
+            raise ValueError("type = \"cursor\" needs one of cursor_path (the cursor is in the response) or "
+                             "cursor_from_last_record (the cursor is a field of the page's last record)")
+        if self.type == "next_url" and self.next_url_path is None:
+            raise ValueError("type = \"next_url\" needs next_url_path, the JSONPath to the next page's URL (e.g. \"$.links.next\")")
+        if (self.size is None) != (self.size_param is None):
+            raise ValueError("size and size_param go together: size_param names the parameter, size is its value")
+        return self
+
+    @property
+    def param_name(self) -> str:
+        return self.param or _PARAM_DEFAULT.get(self.type, "")
+
+
+class Auth(_Model):
+    """How to authenticate to the API (DESIGN §7). Absent: none (headers may still carry credentials)."""
+
+    type: Literal["bearer", "basic", "api_key", "oauth2_client_credentials"] = Field(description="bearer | basic | api_key | oauth2_client_credentials.")
+    token: str | None = Field(None, repr=False, description="bearer: the token.")
+    username: str | None = Field(None, description="basic: the user name.")
+    password: str | None = Field(None, repr=False, description="basic: the password.")
+    name: str | None = Field(None, description="api_key: the header or query parameter name, e.g. X-Api-Key.")
+    value: str | None = Field(None, repr=False, description="api_key: the key.")
+    location: Literal["header", "query"] = Field("header", validation_alias=_alias("in"), description="api_key: header or query.")
+    token_url: str | None = Field(None, description="oauth2_client_credentials: the token endpoint.")
+    client_id: str | None = Field(None, description="oauth2_client_credentials: the client id.")
+    client_secret: str | None = Field(None, repr=False, description="oauth2_client_credentials: the client secret.")
+    scopes: list[str] = Field(default_factory=list, description="oauth2_client_credentials: scopes requested.")
+    audience: str | None = Field(None, description="oauth2_client_credentials: audience parameter (Auth0 and others).")
+    extra: dict[str, str] = Field(default_factory=dict, repr=False, description="oauth2_client_credentials: more form fields for the token request.")
+    client_auth: Literal["basic", "body"] = Field("basic", description="oauth2_client_credentials: send the client credentials as HTTP Basic (RFC 6749 default) or in the form body.")
+
+    _NEEDS = {
+        "bearer": ("token",),
+        "basic": ("username", "password"),
+        "api_key": ("name", "value"),
+        "oauth2_client_credentials": ("token_url", "client_id", "client_secret"),
+    }
+
+    @model_validator(mode="after")
+    def _keys_fit_type(self) -> Auth:
+        needs = self._NEEDS[self.type]
+        missing = [key for key in needs if not getattr(self, key)]
+        if missing:
+            raise ValueError(f"type = \"{self.type}\" needs {' and '.join(missing)}")
+        for other, keys in self._NEEDS.items():
+            for key in keys:
+                if key not in needs and getattr(self, key) is not None:
+                    raise ValueError(f"{key} is not used with type = \"{self.type}\" (it belongs to type = \"{other}\")")
+        if self.type != "oauth2_client_credentials" and (self.scopes or self.audience or self.extra):
+            raise ValueError("scopes, audience and extra are only used with type = \"oauth2_client_credentials\"")
+        if self.token_url is not None:
+            absolute_url(self.token_url)
+        return self
+
+    def secret_values(self) -> set[str]:
+        """Every form in which a credential may come back in an error body: raw, and encoded the
+        way it was sent (Basic headers, form-encoded client secrets)."""
+        values = {v for v in (self.token, self.password, self.value, self.client_secret, *self.extra.values()) if v}
+        if self.type == "basic":
+            values.add(basic_credentials(self.username, self.password))
+        if self.type == "oauth2_client_credentials":
+            values.add(basic_credentials(self.client_id, self.client_secret, form_encoded=True))
+            values.add(quote_plus(self.client_secret))
+        return values
+
+
+class Retry(_Model):
+    """In-poll retries of one request: connection errors, timeouts, 408, 429 and 5xx."""
+
+    retries: int = Field(3, ge=0, le=20, description="Retries after the first attempt; 0 turns retries off.")
+    backoff: Duration = Field(1.0, ge=0, description="First wait; doubled each time, with jitter.")
+    max_backoff: Duration = Field(30.0, ge=0, description="Longest wait between attempts (Retry-After may ask for more, up to the interval).")
+
+
 class ApiDetails(_Model):
     """The request syncd sends on every poll."""
 
@@ -58,6 +193,9 @@ class ApiDetails(_Model):
     path: str = Field("", description="Appended to base_url; may carry a query string.")
     body: str | None = Field(None, description="Request body: a JSON document as a string (as Knit sends it).")
     headers: dict[str, str] = Field(default_factory=dict, repr=False, description="Extra request headers; values are redacted in logs.")
+    pagination: Pagination | None = Field(None, description="How to fetch every page; absent: one request.")
+    auth: Auth | None = Field(None, description="How to authenticate; absent: none.")
+    retry: Retry = Field(default_factory=Retry, description="Retries of each request on transient failures.")
 
     @field_validator("method", mode="before")
     @classmethod
@@ -85,17 +223,22 @@ class ApiDetails(_Model):
     @field_validator("base_url")
     @classmethod
     def _absolute_url(cls, value: str) -> str:
-        try:
-            url = URL(value)
-            if url.scheme in ("http", "https") and url.host:
-                return value
-        except ValueError:
-            pass
-        raise ValueError("must be an absolute http:// or https:// URL, e.g. https://api.example.com")
+        return absolute_url(value)
 
     @property
     def url(self) -> str:
         return self.base_url.rstrip("/") + ("/" + self.path.lstrip("/") if self.path else "")
+
+
+def absolute_url(value: str) -> str:
+    """`value` if it is an absolute http(s) URL; ValueError otherwise."""
+    try:
+        url = URL(value)
+        if url.scheme in ("http", "https") and url.host:
+            return value
+    except ValueError:
+        pass
+    raise ValueError("must be an absolute http:// or https:// URL, e.g. https://api.example.com")
 
 
 class SyncSpec(_Model):
@@ -109,7 +252,50 @@ class SyncSpec(_Model):
     timeout: Duration = Field(30.0, gt=0, description="Timeout of each request to the API.")
     ignore_fields: list[str] = Field(default_factory=list, validation_alias=_alias("ignore_fields", "ignoreFields"), description="JSONPaths inside each record left out of the fingerprint (still sent in eventData).")
     webhook_secret: str | None = Field(None, repr=False, validation_alias=_alias("webhook_secret", "webhookSecret"), description="Signing secret for this sync; overrides the daemon's webhook_secret.")
+    rate_limit: str | None = Field(None, validation_alias=_alias("rate_limit", "rateLimit"), description="Most requests per unit of time to the API for this sync, e.g. \"10/s\" or \"600/m\".")
+    empty_on_status: list[int] = Field(default_factory=list, validation_alias=_alias("empty_on_status", "emptyOnStatus"), description="HTTP statuses that mean \"no records\" (on a later page: the end of the list) instead of a failure, e.g. [404].")
+    tls_verify: bool = Field(True, validation_alias=_alias("tls_verify", "tlsVerify"), description="Verify the API's TLS certificate. false is logged as a warning at every load.")
+    ca_file: str | None = Field(None, validation_alias=_alias("ca_file", "caFile"), description="PEM file of CA certificates to trust for the API instead of the system's.")
+    client_cert: str | None = Field(None, validation_alias=_alias("client_cert", "clientCert"), description="PEM client certificate for mutual TLS.")
+    client_key: str | None = Field(None, repr=False, validation_alias=_alias("client_key", "clientKey"), description="PEM private key of client_cert (if not inside it).")
+    conditional_requests: bool = Field(True, validation_alias=_alias("conditional_requests", "conditionalRequests"), description="One-request syncs: send the last ETag/Last-Modified back; 304 Not Modified is an unchanged run.")
     api_details: ApiDetails = Field(validation_alias=_alias("api_details", "apiDetails"), description="The request to send.")
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_rate(value)
+        return value
+
+    @field_validator("empty_on_status")
+    @classmethod
+    def _statuses(cls, value: list[int]) -> list[int]:
+        for status in value:
+            if not 300 <= status <= 599:
+                raise ValueError(f"{status} is not an error status (300-599); 2xx answers are read as they are")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SyncSpec:
+        api = self.api_details
+        pagination = api.pagination
+        if pagination is not None:
+            if self.list_identifier is None:
+                raise ValueError("api_details.pagination needs list_identifier: pages are lists of records")
+            if pagination.param_in == "body" and pagination.type in ("page", "offset", "cursor"):
+                if api.method in ("GET", "DELETE"):
+                    raise ValueError(f"api_details.pagination.param_in = \"body\" needs a method with a body (POST, PUT, PATCH), not {api.method}")
+                if api.body is not None and not isinstance(orjson.loads(api.body), dict):
+                    raise ValueError("api_details.pagination.param_in = \"body\" needs api_details.body to be a JSON object")
+
+        if self.client_key is not None and self.client_cert is None:
+            raise ValueError("client_key needs client_cert")
+        if not self.tls_verify and self.ca_file is not None:
+            raise ValueError("ca_file has no effect with tls_verify = false; remove one of them")
+        if self.api_details.url.startswith("http://") and (self.ca_file or self.client_cert):
+            raise ValueError("ca_file and client_cert are for https:// APIs; base_url is http://")
+        return self
 
     @field_validator("webhook_secret")
     @classmethod
@@ -253,6 +439,8 @@ def load_file(path: Path, settings: Settings) -> tuple[Sync | None, list[Problem
         spec = SyncSpec.model_validate(resolved, context={"allow_insecure_webhooks": settings.allow_insecure_webhooks})
     except ValidationError as exc:
         problems += problems_from_validation(exc, source)
+    if not problems:
+        problems += _resolved_problems(source, spec)
     if problems:
         return None, _scrub_problems(problems, resolver.secrets)
     sync_id = spec.idempotency_id or path.stem
@@ -271,10 +459,29 @@ def load_file(path: Path, settings: Settings) -> tuple[Sync | None, list[Problem
             ignore_paths=tuple(compile_path(text) for text in spec.ignore_fields),
             shape=shape,
             digest=digest,
-            secrets=frozenset(resolver.secrets),
+            secrets=frozenset(resolver.secrets | (spec.api_details.auth.secret_values() if spec.api_details.auth else set())),
         ),
         [],
     )
+
+
+def _resolved_problems(source: str, spec: SyncSpec) -> list[Problem]:
+    """Checks that need the values after ${NAME} substitution: TLS files."""
+    try:
+        ssl_context(spec.tls_verify, spec.ca_file, spec.client_cert, spec.client_key)
+    except ValueError as exc:
+        key = "ca_file" if str(exc).startswith("cannot use ca_file") else "client_cert"
+        return [Problem(source, key, str(exc))]
+    return []
+
+
+def load_warnings(sync: Sync) -> list[str]:
+    """What is allowed but weakens the sync, logged at every load and printed by `syncd check`."""
+    warnings = []
+    if not sync.spec.tls_verify:
+        warnings.append("tls_verify = false: the API's certificate is not checked, so anyone on the network path "
+                        "can read the credentials and forge the data; prefer ca_file with the API's CA")
+    return warnings
 
 
 def _pair_problems(source: str, data: Any) -> list[Problem]:

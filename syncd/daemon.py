@@ -10,16 +10,16 @@ import asyncio
 import time
 from pathlib import Path
 
-import aiohttp
 import structlog
 
 from syncd import server
-from syncd.config import Sync, definition_files, load_dir
+from syncd.config import Sync, definition_files, load_dir, load_warnings
 from syncd.delivery import Deliverer, Target
 from syncd.engine import RunResult, poll
-from syncd.fetch import USER_AGENT, client_session
+from syncd.http import poll_session, webhook_session
 from syncd.metrics import Metrics
 from syncd.scheduler import Scheduler
+from syncd.source.fetcher import Source
 from syncd.settings import Settings
 from syncd.store import Store
 from syncd.systemd import Notifier
@@ -43,6 +43,7 @@ class Daemon:
         self._reload = asyncio.Event()
         self._ready = False
         self._store: Store | None = None
+        self._source: Source | None = None
         self._scheduler: Scheduler | None = None
         self._pending_total = 0
         self._dead_total = 0
@@ -61,11 +62,11 @@ class Daemon:
     async def run(self) -> None:
         settings = self.settings
         self._store = store = await Store.open(settings.state_path)
-        poll_session = client_session()
-        hook_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=settings.webhook_concurrency, limit_per_host=0),
-            headers={"User-Agent": USER_AGENT},
-        )
+        poll_session_ = poll_session()
+        source = Source(poll_session_, max_bytes=int(settings.max_response_bytes),
+                        max_requests_per_host=settings.max_requests_per_host)
+        self._source = source
+        hook_session = webhook_session(settings.webhook_concurrency)
         runner = None
         tasks: list[asyncio.Task] = []
         deliver_stop = asyncio.Event()
@@ -73,17 +74,19 @@ class Daemon:
             self._apply_config(startup=True)
             states = await store.all_states()
             last_runs = {s.sync_id: s.last_run_at for s in states if s.last_run_at}
+            not_before = {s.sync_id: s.next_run_at for s in states if s.next_run_at}
             app = server.build_app(self.metrics, ready=self._readiness, syncs_status=self.syncs_status)
             host, port = settings.listen_address
             runner = await server.start(app, host, port)
             self.address = runner.addresses[0][:2] if runner.addresses else (host, port)
 
             async def run_poll(sync: Sync) -> RunResult:
-                result = await poll(sync, store, poll_session, max_bytes=int(settings.max_response_bytes))
+                result = await poll(sync, store, source)
                 self._observe(result)
                 return result
 
-            self._scheduler = Scheduler(run_poll, max_concurrent=settings.max_concurrent_polls, last_runs=last_runs)
+            self._scheduler = Scheduler(run_poll, max_concurrent=settings.max_concurrent_polls, last_runs=last_runs,
+                                        not_before=not_before)
             self._scheduler.update(self.syncs, startup=True)
             deliverer = Deliverer(store, hook_session, concurrency=settings.webhook_concurrency,
                                   timeout=settings.webhook_timeout, schedule=settings.webhook_retry_schedule,
@@ -134,7 +137,7 @@ class Daemon:
                 await self._scheduler.stop(timeout=0)
             if runner is not None:
                 await runner.cleanup()
-            await poll_session.close()
+            await poll_session_.close()
             await hook_session.close()
             await store.close()
             self.notifier.close()
@@ -177,7 +180,12 @@ class Daemon:
         removed = self.syncs.keys() - syncs.keys()
         changed = [i for i in syncs.keys() & self.syncs.keys() if syncs[i].digest != self.syncs[i].digest]
         self._file_ids = {s.file: s.id for s in syncs.values()}
+        for sync in syncs.values():
+            for warning in load_warnings(sync):
+                log.warning("sync definition is insecure", sync=sync.id, file=str(sync.file), warning=warning)
         self.syncs = syncs
+        if self._source is not None:
+            self._source.forget(set(syncs))
         for sync in syncs.values():
             self._targets[sync.id] = Target(sync.spec.webhook_url, self._secret(sync))
             self.metrics.add_sync(sync.id)
@@ -310,6 +318,7 @@ class Daemon:
                 "last_run_at": state.last_run_at,
                 "last_outcome": state.last_outcome,
                 "last_error": state.last_error,
+                "last_warning": state.last_warning,
                 "last_success_at": state.last_success_at,
                 "last_change_at": state.last_change_at,
                 "records": state.record_count,

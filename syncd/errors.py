@@ -43,6 +43,8 @@ class FetchError(RunError):
     """The API could not be reached or did not answer 2xx with a body within the limits."""
 
     stage = "fetch"
+    #: Unix time before which the API asked not to be polled again (a long Retry-After), if any.
+    not_before: float | None = None
 
 
 class ParseError(RunError):

@@ -33,11 +33,14 @@ class Scheduler:
     """Runs `run_poll(sync)` for every sync on its interval."""
 
     def __init__(self, run_poll: Callable[[Sync], Awaitable[object]], *, max_concurrent: int,
-                 last_runs: dict[str, float] | None = None, rnd: random.Random | None = None) -> None:
+                 last_runs: dict[str, float] | None = None, not_before: dict[str, float] | None = None,
+                 rnd: random.Random | None = None) -> None:
         self._run_poll = run_poll
         self._slots = asyncio.Semaphore(max_concurrent)
         self._entries: dict[str, _Entry] = {}
         self._last_runs = dict(last_runs or {})
+        #: Syncs whose API asked for a pause past the interval (Retry-After): no poll before then.
+        self._not_before = dict(not_before or {})
         self._rnd = rnd or random.Random()
         # Loops of removed syncs still finishing a poll: a re-added sync waits for them.
         self._retiring: dict[str, asyncio.Task] = {}
@@ -70,6 +73,9 @@ class Scheduler:
 
     def _first_delay(self, sync: Sync, spread: float) -> float:
         interval = sync.spec.interval
+        wait = self._not_before.pop(sync.id, 0.0) - time.time()
+        if wait > 0:
+            return wait
         last = self._last_runs.get(sync.id)
         if last is not None:
             # Next-run times survive restarts: polled 2 min ago with a 5 min interval -> in ~3 min.
@@ -100,14 +106,19 @@ class Scheduler:
                     return
                 entry.polling = True
                 entry.last_start = time.time()
+                not_before = None
                 try:
-                    await self._run_poll(entry.sync)
+                    outcome = await self._run_poll(entry.sync)
+                    not_before = getattr(outcome, "not_before", None)
                 except Exception:
                     log.exception("poll crashed; it will run again at the next interval", sync=entry.sync.id)
                 finally:
                     entry.polling = False
             interval = entry.sync.spec.interval
             delay = max(0.0, entry.last_start + interval * self._rnd.uniform(0.9, 1.1) - time.time())
+            if not_before is not None:
+                # The API asked for a longer pause (Retry-After beyond the interval): honour it.
+                delay = max(delay, not_before - time.time())
 
     def _reap(self, task: asyncio.Task) -> None:
         if task.cancelled():

@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     )
     webhook_secret: SecretStr | None = Field(None, description="Default signing secret (whsec_...) for syncs without their own. Prefer $CREDENTIALS_DIRECTORY/webhook_secret or the environment: a flag shows in ps.")
     max_concurrent_polls: int = Field(16, ge=1, le=1024, description="Polls running at once across all syncs.")
+    max_requests_per_host: int = Field(8, ge=1, le=1024, description="Requests in flight at once to one API host (host:port) across all syncs, token requests included.")
     allow_insecure_webhooks: bool = Field(False, description="Allow http:// webhook URLs to non-loopback hosts.")
     shutdown_timeout: Duration = Field(10.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight polls and deliveries may take to finish; what is left stays queued.")
     max_response_bytes: ByteSize = Field(ByteSize(256 * 1024**2), gt=0, description="Largest API response accepted (after decompression); larger fails the run. Accepts 256MiB, 1GB, ...")

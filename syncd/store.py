@@ -8,6 +8,7 @@ events or not at all (and then found again by the next run).
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from contextlib import asynccontextmanager
 
 from dataclasses import dataclass, field
@@ -15,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import orjson
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RUNS_KEPT = 100  # run history rows kept per sync
 
 _SCHEMA = """
@@ -32,7 +34,9 @@ CREATE TABLE IF NOT EXISTS syncs (
     last_error      TEXT,
     last_success_at REAL,
     last_change_at  REAL,
-    next_run_at     REAL
+    next_run_at     REAL,
+    validators      TEXT,
+    last_warning    TEXT
 );
 CREATE TABLE IF NOT EXISTS records (
     sync_id     TEXT NOT NULL,
@@ -54,7 +58,9 @@ CREATE TABLE IF NOT EXISTS runs (
     modified      INTEGER NOT NULL DEFAULT 0,
     deleted       INTEGER NOT NULL DEFAULT 0,
     invalid_ids   INTEGER NOT NULL DEFAULT 0,
-    duplicate_ids INTEGER NOT NULL DEFAULT 0
+    duplicate_ids INTEGER NOT NULL DEFAULT 0,
+    pages         INTEGER NOT NULL DEFAULT 0,
+    warning       TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_sync ON runs (sync_id, seq);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -78,6 +84,20 @@ CREATE INDEX IF NOT EXISTS outbox_due_by_sync ON outbox (sync_id, next_attempt_a
 CREATE INDEX IF NOT EXISTS outbox_dead ON outbox (dead_at) WHERE dead_at IS NOT NULL;
 """
 
+#: Each step takes the schema from version N to N+1; a database is brought up to date when opened.
+_MIGRATIONS = {
+    1: [  # pagination, conditional requests and held-delete warnings
+        "ALTER TABLE syncs ADD COLUMN validators TEXT",
+        "ALTER TABLE syncs ADD COLUMN last_warning TEXT",
+        "ALTER TABLE runs ADD COLUMN pages INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE runs ADD COLUMN warning TEXT",
+    ],
+}
+
+
+class SchemaError(sqlite3.DatabaseError):
+    """The database was written by a newer syncd, or is older and opened read-only."""
+
 
 @dataclass
 class SyncState:
@@ -95,6 +115,10 @@ class SyncState:
     last_success_at: float | None = None
     last_change_at: float | None = None
     next_run_at: float | None = None
+    #: ETag / Last-Modified of the last good one-request response (plus the definition they belong to).
+    validators: dict[str, str] | None = None
+    #: Why the last good run held its deletes (a next-page hint without pagination), if it did.
+    last_warning: str | None = None
 
 
 @dataclass
@@ -114,6 +138,8 @@ class RunRecord:
     deleted: int = 0
     invalid_ids: int = 0
     duplicate_ids: int = 0
+    pages: int = 0
+    warning: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,10 +212,36 @@ class Commit:
     #: The sync's generation when the run read its state: if another process (`syncd once`,
     #: `syncd reset`) committed since, this run's diff is stale and the commit is refused.
     expected_generation: int = 0
+    validators: dict[str, str] | None = None
 
 
 class StateConflict(Exception):
     """The sync's state changed under a run; the run must be repeated against the new state."""
+
+
+async def _migrate(conn: aiosqlite.Connection, path: Path) -> None:
+    """Create the schema, or bring an older one up to date, in one transaction (two processes
+    opening an old database at once upgrade it once)."""
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = (await (await conn.execute("PRAGMA user_version")).fetchone())[0]
+        if version > SCHEMA_VERSION:
+            raise SchemaError(f"{path} has schema version {version}, newer than this syncd's ({SCHEMA_VERSION}): "
+                              "it was written by a newer syncd; upgrade syncd, or point state_path elsewhere")
+        tables = await conn.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'syncs'")
+        if tables and version >= 1:
+            for step in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[step]:
+                    await conn.execute(statement)
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                await conn.execute(statement)
+        if version != SCHEMA_VERSION:
+            await conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        await conn.execute("COMMIT")
+    except BaseException:
+        await conn.execute("ROLLBACK")
+        raise
 
 
 class Store:
@@ -225,8 +277,13 @@ class Store:
                 # WAL + NORMAL: a process crash loses nothing committed; a power cut may lose the
                 # last transactions whole, never half of one, which the next run finds again.
                 await conn.execute("PRAGMA synchronous = NORMAL")
-                await conn.executescript(_SCHEMA)
-                await conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                await _migrate(conn, path)
+            else:
+                version = (await (await conn.execute("PRAGMA user_version")).fetchone())[0]
+                if version != SCHEMA_VERSION:
+                    raise SchemaError(f"{path} has schema version {version}; this syncd reads version {SCHEMA_VERSION}"
+                                      + (" (open it once with a writable syncd to upgrade it)" if version < SCHEMA_VERSION else
+                                         " (written by a newer syncd: upgrade syncd)"))
         except BaseException:
             await conn.close()
             raise
@@ -257,13 +314,14 @@ class Store:
     async def sync_state(self, sync_id: str) -> SyncState:
         rows = await self._conn.execute_fetchall(
             "SELECT sync_id, shape, body_hash, generation, baselined, record_count, last_run_at, last_outcome, "
-            "last_error, last_success_at, last_change_at, next_run_at FROM syncs WHERE sync_id = ?",
+            "last_error, last_success_at, last_change_at, next_run_at, validators, last_warning FROM syncs WHERE sync_id = ?",
             (sync_id,),
         )
         if not rows:
             return SyncState(sync_id)
         row = list(rows[0])
         row[4] = bool(row[4])
+        row[12] = _load_validators(row[12])
         return SyncState(*row)
 
     async def all_states(self) -> list[SyncState]:
@@ -314,15 +372,18 @@ class Store:
             cursor = await conn.execute(
                 """
                 INSERT INTO syncs (sync_id, shape, body_hash, generation, baselined, record_count,
-                                   last_run_at, last_outcome, last_error, last_success_at, last_change_at)
-                VALUES (?1, ?2, ?3, 1, 1, ?4, ?5, ?6, NULL, ?5, CASE WHEN ?7 THEN ?5 END)
+                                   last_run_at, last_outcome, last_error, last_success_at, last_change_at,
+                                   validators, last_warning)
+                VALUES (?1, ?2, ?3, 1, 1, ?4, ?5, ?6, NULL, ?5, CASE WHEN ?7 THEN ?5 END, ?8, ?9)
                 ON CONFLICT (sync_id) DO UPDATE SET
                     shape = ?2, body_hash = ?3, generation = generation + 1, baselined = 1, record_count = ?4,
                     last_run_at = ?5, last_outcome = ?6, last_error = NULL, last_success_at = ?5,
-                    last_change_at = CASE WHEN ?7 THEN ?5 ELSE last_change_at END
+                    last_change_at = CASE WHEN ?7 THEN ?5 ELSE last_change_at END,
+                    validators = ?8, last_warning = ?9, next_run_at = NULL
                 RETURNING generation
                 """,
-                (sid, commit.shape, commit.body_hash, commit.record_count, run.finished_at, run.outcome, changed),
+                (sid, commit.shape, commit.body_hash, commit.record_count, run.finished_at, run.outcome, changed,
+                 _dump_validators(commit.validators), run.warning),
             )
             generation = (await cursor.fetchone())[0]
             await cursor.close()
@@ -341,28 +402,33 @@ class Store:
         else:
             self._cache.pop(sid, None)
 
-    async def record_run(self, run: RunRecord) -> None:
-        """Record a run that changed no fingerprints (failed, or unchanged response)."""
+    async def record_run(self, run: RunRecord, *, validators: dict[str, str] | None = None,
+                         not_before: float | None = None) -> None:
+        """Record a run that changed no fingerprints (failed, or unchanged response). An unchanged
+        run's `validators` replace the stored ones when given; `not_before` (a failed run's long
+        Retry-After) is kept as the sync's earliest next run, across restarts."""
         success = run.outcome != "failed"
         async with self._transaction() as conn:
             await conn.execute(
                 """
-                INSERT INTO syncs (sync_id, last_run_at, last_outcome, last_error, last_success_at)
-                VALUES (?1, ?2, ?3, ?4, CASE WHEN ?5 THEN ?2 END)
+                INSERT INTO syncs (sync_id, last_run_at, last_outcome, last_error, last_success_at, next_run_at)
+                VALUES (?1, ?2, ?3, ?4, CASE WHEN ?5 THEN ?2 END, ?7)
                 ON CONFLICT (sync_id) DO UPDATE SET
                     last_run_at = ?2, last_outcome = ?3, last_error = ?4,
-                    last_success_at = CASE WHEN ?5 THEN ?2 ELSE last_success_at END
+                    last_success_at = CASE WHEN ?5 THEN ?2 ELSE last_success_at END,
+                    validators = CASE WHEN ?5 AND ?6 IS NOT NULL THEN ?6 ELSE validators END,
+                    next_run_at = ?7
                 """,
-                (run.sync_id, run.finished_at, run.outcome, run.error, success),
+                (run.sync_id, run.finished_at, run.outcome, run.error, success, _dump_validators(validators), not_before),
             )
             await self._insert_run(run)
 
     async def _insert_run(self, run: RunRecord) -> None:
         await self._conn.execute(
             "INSERT INTO runs (run_id, sync_id, started_at, finished_at, outcome, sync_type, error, records, new, "
-            "modified, deleted, invalid_ids, duplicate_ids) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "modified, deleted, invalid_ids, duplicate_ids, pages, warning) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (run.run_id, run.sync_id, run.started_at, run.finished_at, run.outcome, run.sync_type, run.error,
-             run.records, run.new, run.modified, run.deleted, run.invalid_ids, run.duplicate_ids),
+             run.records, run.new, run.modified, run.deleted, run.invalid_ids, run.duplicate_ids, run.pages, run.warning),
         )
         await self._conn.execute(
             "DELETE FROM runs WHERE sync_id = ?1 AND seq <= "
@@ -373,7 +439,7 @@ class Store:
     async def runs(self, sync_id: str, limit: int = 20) -> list[RunRecord]:
         rows = await self._conn.execute_fetchall(
             "SELECT run_id, sync_id, started_at, finished_at, outcome, sync_type, error, records, new, modified, "
-            "deleted, invalid_ids, duplicate_ids FROM runs WHERE sync_id = ? ORDER BY seq DESC LIMIT ?",
+            "deleted, invalid_ids, duplicate_ids, pages, warning FROM runs WHERE sync_id = ? ORDER BY seq DESC LIMIT ?",
             (sync_id, limit),
         )
         return [RunRecord(*row) for row in rows]
@@ -383,8 +449,8 @@ class Store:
         async with self._transaction() as conn:
             await conn.execute("DELETE FROM records WHERE sync_id = ?", (sync_id,))
             cursor = await conn.execute(
-                "UPDATE syncs SET shape = NULL, body_hash = NULL, baselined = 0, record_count = 0, "
-                "generation = generation + 1 WHERE sync_id = ?",
+                "UPDATE syncs SET shape = NULL, body_hash = NULL, baselined = 0, record_count = 0, validators = NULL, "
+                "last_warning = NULL, generation = generation + 1 WHERE sync_id = ?",
                 (sync_id,),
             )
             found = cursor.rowcount > 0
@@ -519,3 +585,15 @@ class Store:
             args = (sync_id,)
         rows = await self._conn.execute_fetchall(query + " ORDER BY seq", args)
         return [OutboxEvent(*row) for row in rows]
+
+
+def _dump_validators(validators: dict[str, str] | None) -> str | None:
+    return orjson.dumps(validators).decode() if validators else None
+
+
+def _load_validators(text: str | None) -> dict[str, str] | None:
+    try:
+        value = orjson.loads(text) if text else None
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None

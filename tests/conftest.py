@@ -93,8 +93,9 @@ def state_path(tmp_path: Path) -> Path:
 
 def write_sync(conf_dir: Path, name: str, upstream_url: str, *, path: str = "/api", extra: str = "",
                list_identifier: str | None = "$.response.payload.employees",
-               record_identifier: str | None = "$.employee.id", api_extra: str = "") -> Path:
-    """Write conf.d/NAME.toml for a sync polling `upstream_url + path`."""
+               record_identifier: str | None = "$.employee.id", api_extra: str = "", retries: int | None = 0) -> Path:
+    """Write conf.d/NAME.toml for a sync polling `upstream_url + path`. In-poll retries are off
+    unless asked for (`retries=None`: the default of 3): a failing API then fails at once."""
     lines = ['webhook_url = "http://127.0.0.1:9/hook"']
     if list_identifier:
         lines.append(f"list_identifier = {orjson.dumps(list_identifier).decode()}")
@@ -105,6 +106,8 @@ def write_sync(conf_dir: Path, name: str, upstream_url: str, *, path: str = "/ap
     lines += ["", "[api_details]", f'base_url = "{upstream_url}"', f'path = "{path}"']
     if api_extra:
         lines.append(api_extra)
+    if retries is not None:
+        lines += ["", "[api_details.retry]", f"retries = {retries}"]
     file = conf_dir / f"{name}.toml"
     file.write_text("\n".join(lines) + "\n")
     return file

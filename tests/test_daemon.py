@@ -262,7 +262,9 @@ async def test_two_hundred_syncs_no_starvation_no_overlap(upstream, receiver, co
     upstream.delay = 0.05  # long enough that an overlapping poll would be seen
     for n in range(200):
         sync_file(conf_dir, f"s{n:03d}", upstream, receiver, interval="1s")
-    d = await daemons("--config-dir", str(conf_dir), "--state-path", str(state_path), "--max-concurrent-polls", "64")
+    # All 200 syncs poll one host: lift the per-host request limit (default 8) along with the poll limit.
+    d = await daemons("--config-dir", str(conf_dir), "--state-path", str(state_path), "--max-concurrent-polls", "64",
+                      "--max-requests-per-host", "64")
     await asyncio.sleep(30)
     assert await d.stop() == 0
     counts = [len(upstream.hits(f"/s{n:03d}")) for n in range(200)]

@@ -14,9 +14,11 @@ import orjson
 import pytest
 
 from syncd.config import load_dir
-from syncd.delivery import Deliverer, Target, next_delay, parse_retry_after
+from syncd.delivery import Deliverer, Target, next_delay
+from syncd.http import parse_retry_after
 from syncd.engine import poll
-from syncd.fetch import client_session
+from syncd.http import poll_session
+from syncd.source.fetcher import Source
 from syncd.settings import load_settings
 from syncd.store import Store
 
@@ -40,7 +42,8 @@ class Rig:
 
     async def __aenter__(self):
         self.store = await Store.open(self.settings.state_path, busy_timeout=self.busy_timeout)
-        self.poll_session = client_session()
+        self.poll_session = poll_session()
+        self.source = Source(self.poll_session, max_bytes=10**7)
         self.hook_session = aiohttp.ClientSession()
         self.deliverer = Deliverer(self.store, self.hook_session, concurrency=self.concurrency, timeout=self.timeout,
                                    schedule=self.schedule, target=lambda sid: Target(None, self.secret))
@@ -59,7 +62,7 @@ class Rig:
         self.upstream.body = {"items": items}
         syncs, problems = load_dir(self.settings)
         assert not problems
-        result = await poll(syncs[sync_id], self.store, self.poll_session, max_bytes=10**7)
+        result = await poll(syncs[sync_id], self.store, self.source)
         assert result.ok, result.error
         return [orjson.loads(b) for b in result.events]
 

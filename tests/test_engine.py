@@ -10,7 +10,8 @@ import pytest
 
 from syncd.config import load_dir
 from syncd.engine import poll
-from syncd.fetch import client_session
+from syncd.http import poll_session
+from syncd.source.fetcher import Source
 from syncd.settings import load_settings
 from syncd.store import Store
 
@@ -29,7 +30,8 @@ class Harness:
 
     async def __aenter__(self):
         self.store = await Store.open(self.settings.state_path)
-        self.session = client_session()
+        self.session = poll_session()
+        self.source = Source(self.session, max_bytes=int(self.settings.max_response_bytes))
         return self
 
     async def __aexit__(self, *exc):
@@ -39,8 +41,8 @@ class Harness:
     async def poll(self, *, dry_run=False):
         syncs, problems = load_dir(self.settings)
         assert not problems, problems
-        result = await poll(syncs[self.sync_id], self.store, self.session,
-                            max_bytes=int(self.settings.max_response_bytes), dry_run=dry_run)
+        self.source.max_bytes = int(self.settings.max_response_bytes)
+        result = await poll(syncs[self.sync_id], self.store, self.source, dry_run=dry_run)
         result.parsed = [orjson.loads(b) for b in result.events]
         return result
 
@@ -301,7 +303,7 @@ async def test_concurrent_polls_of_different_syncs(upstream, conf_dir, state_pat
         write_sync(conf_dir, f"s{n}", upstream.url)
     async with Harness(conf_dir, state_path, sync_id="s0") as h:
         syncs, _ = load_dir(h.settings)
-        results = await asyncio.gather(*(poll(s, h.store, h.session, max_bytes=10**6) for s in syncs.values()))
+        results = await asyncio.gather(*(poll(s, h.store, Source(h.session, max_bytes=10**6)) for s in syncs.values()))
         assert all(r.ok and len(r.events) == 2 for r in results)
         assert len(await h.store.outbox()) == 10
 
