@@ -28,13 +28,14 @@ def test_settings_reference_lists_every_setting():
 
 
 def test_shipped_examples_are_valid(tmp_path, monkeypatch):
-    for var in ("HR_TOKEN", "SUPPORT_API_KEY"):
+    for var in ("HR_TOKEN", "SUPPORT_API_KEY", "GITHUB_TOKEN", "STRIPE_API_KEY", "CMS_API_KEY", "ORDERS_CLIENT_SECRET"):
         monkeypatch.setenv(var, "x")
     conf = tmp_path / "conf.d"
     shutil.copytree(ROOT / "etc" / "conf.d", conf)
     settings = load_settings({"config_dir": conf}, ROOT / "etc" / "syncd.toml")
     syncs, problems = load_dir(settings)
-    assert problems == [] and sorted(syncs) == ["employees", "status-page", "tickets"]
+    assert problems == [] and sorted(syncs) == ["employees", "github-issues", "jsonapi-articles", "oauth2-orders",
+                                                "status-page", "stripe-customers", "tickets"]
 
 
 def test_metrics_reference_matches_the_registry():
