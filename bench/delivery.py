@@ -252,7 +252,7 @@ class Meter:
 
 def hook_session(concurrency: int) -> aiohttp.ClientSession:
     """The session syncd's daemon delivers through (syncd/daemon.py), used by both sides."""
-    from syncd.fetch import USER_AGENT
+    from syncd.http import USER_AGENT
 
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=0),
                                  headers={"User-Agent": USER_AGENT})
@@ -267,7 +267,7 @@ def fail(message: str) -> None:
 
 async def post_all(url: str, bodies: list[bytes], concurrency: int) -> int:
     """C workers pulling from a list, one shared session: the least a webhook sender must do."""
-    from syncd.fetch import USER_AGENT
+    from syncd.http import USER_AGENT
 
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
     failures = 0

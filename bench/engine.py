@@ -4,7 +4,7 @@
 
 A local aiohttp API in a separate process serves two bodies of N records (~300 bytes each):
 /v1 and /v2, which differ in 1% of the records (one field each, spread over the list). syncd's
-real engine (`syncd.engine.poll` with a real `Store` and `client_session()`) polls them:
+real engine (`syncd.engine.poll` with a real `Store` and a `Source` on `poll_session()`) polls them:
 
   initial    first run: every record is new (N events written to the outbox)
   unchanged  same bytes as the previous run (median of K)
@@ -183,14 +183,16 @@ def instrument() -> list[str]:
     """Wrap syncd's stages (in memory only) and return the stage labels in pipeline order."""
     import syncd.diff
     import syncd.engine
+    from syncd.source.fetcher import Fetch
     from syncd.store import Store
 
     stages = [
-        (syncd.engine, "fetch", "fetch (HTTP GET, body read)"),
+        (Fetch, "_exchange", "fetch (HTTP GET, body read)"),
         (Store, "sync_state", "Store.sync_state"),
         (Store, "fingerprints", "Store.fingerprints"),
         (syncd.engine, "parse_json", "orjson.loads"),
-        (syncd.diff, "snapshot", "diff.snapshot (extract+fp)"),
+        (syncd.diff.SnapshotBuilder, "add", "SnapshotBuilder.add (extract+fp)"),
+        (syncd.diff.SnapshotBuilder, "finish", "SnapshotBuilder.finish"),
         (syncd.diff, "changes", "diff.changes"),
         (syncd.diff, "apply", "diff.apply"),
         (Store, "commit_run", "Store.commit_run"),
@@ -317,7 +319,8 @@ def write_definition(conf_dir: Path, port: int, path: str, name: str = SYNC_ID) 
 async def bench(args, tmp: Path, port: int) -> dict:
     from syncd.config import load_dir
     from syncd.engine import poll
-    from syncd.fetch import client_session
+    from syncd.http import poll_session
+    from syncd.source.fetcher import Source
     from syncd.settings import load_settings
     from syncd.store import Store
 
@@ -341,7 +344,8 @@ async def bench(args, tmp: Path, port: int) -> dict:
     out: dict = {"labels": labels, "n_changed": n_changed, "rss_reset": reset_peak_rss()}
     out["body_bytes"] = (tmp / "v1.json").stat().st_size
 
-    async with client_session() as session:
+    async with poll_session() as session:
+        source = Source(session, max_bytes=max_bytes)
         # Fetch alone: what the HTTP GET of this body costs (plain aiohttp, same kind of session).
         fetch_times = []
         for i in range(k + 2):  # the first two warm the connection and the server up
@@ -370,7 +374,7 @@ async def bench(args, tmp: Path, port: int) -> dict:
                     watcher = asyncio.create_task(watch_loop(stalls))
                     await asyncio.sleep(0)
                 t0 = time.perf_counter()
-                result = await poll(syncs[version, sync_id], store, session, max_bytes=max_bytes)
+                result = await poll(syncs[version, sync_id], store, source)
                 elapsed = time.perf_counter() - t0
                 if watch:
                     watcher.cancel()
