@@ -53,7 +53,6 @@ from pathlib import Path
 
 import aiohttp
 import orjson
-
 from _child import peak_rss_mib, reset_peak_rss
 
 TARGET_RATIO = 0.60  # syncd events/s / baseline events/s, at least
@@ -120,9 +119,8 @@ def make_events(n: int, url: str) -> list[tuple[str, str, str, bytes]]:
 
 def serve() -> None:
     """Child process: answer every POST with 204 (counting them), GET /stats, until stdin closes."""
-    from aiohttp import web
-
     from _child import serve_until_parent_exits
+    from aiohttp import web
 
     stats = {"posts": 0, "signed": 0, "bytes": 0}
 

@@ -45,9 +45,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import orjson
-from xxhash import xxh3_128_digest
-
 from _child import peak_rss_mib, reset_peak_rss
+from xxhash import xxh3_128_digest
 
 TARGET_RATIO = 0.70  # syncd 1%-changed throughput / baseline throughput, at least
 TARGET_UNCHANGED = 0.05  # unchanged-run time / 1%-changed-run time, below
@@ -110,9 +109,8 @@ def make_bodies(n: int) -> tuple[bytes, bytes]:
 
 def serve(directory: Path, n: int) -> None:
     """Child process: make the bodies, write them to `directory`, serve /v1 and /v2 until stdin closes."""
-    from aiohttp import web
-
     from _child import serve_until_parent_exits
+    from aiohttp import web
 
     v1, v2 = make_bodies(n)
     (directory / "v1.json").write_bytes(v1)
@@ -320,8 +318,8 @@ async def bench(args, tmp: Path, port: int) -> dict:
     from syncd.config import load_dir
     from syncd.engine import poll
     from syncd.http import poll_session
-    from syncd.source.fetcher import Source
     from syncd.settings import load_settings
+    from syncd.source.fetcher import Source
     from syncd.store import Store
 
     n, k = args.records, args.repeat
@@ -502,11 +500,11 @@ def report(args, out: dict) -> None:
     stage_sums = [0.0] * len(columns)
     for label in labels:
         values = [median([s.stages.get(label, 0.0) for s in samples]) for samples in columns.values()]
-        stage_sums = [a + b for a, b in zip(stage_sums, values)]
+        stage_sums = [a + b for a, b in zip(stage_sums, values, strict=True)]
         if any(v >= 0.00005 for v in values):
             print(f"    {label:<38}" + "".join(f"{v * 1000:>12.1f}" for v in values))
     totals = [med(samples) for samples in columns.values()]
-    print(f"    {'rest (envelopes, free, body hash)':<38}" + "".join(f"{(t - s) * 1000:>12.1f}" for t, s in zip(totals, stage_sums)))
+    print(f"    {'rest (envelopes, free, body hash)':<38}" + "".join(f"{(t - s) * 1000:>12.1f}" for t, s in zip(totals, stage_sums, strict=True)))
     print(f"    {'total':<38}" + "".join(f"{t * 1000:>12.1f}" for t in totals))
     print(f"    {'  of which cyclic GC, in any stage':<38}" + "".join(f"{med(s, 'gc_seconds') * 1000:>12.1f}" for s in columns.values()))
     print(f"    {'  full (gen 2) collections':<38}" + "".join(f"{med(s, 'gc_full'):>12.0f}" for s in columns.values()))

@@ -51,7 +51,6 @@ import time
 from pathlib import Path
 
 import orjson
-
 from _child import peak_rss_mib, reset_peak_rss
 from engine import GC, ID_PATH, LIST_PATH, STAGES, changed_indices, fail, instrument, make_bodies, stop_server
 
@@ -70,13 +69,12 @@ def envelope(employees: list) -> bytes:
 
 def serve(n: int, page_size: int) -> None:
     """Child process: serve /vX/all and /vX/paged?page=I&per_page=P until stdin closes."""
-    from aiohttp import web
-
     from _child import serve_until_parent_exits
+    from aiohttp import web
 
     bodies: dict[str, bytes] = {}
     pages: dict[str, list[bytes]] = {}
-    for version, body in zip(("v1", "v2"), make_bodies(n)):
+    for version, body in zip(("v1", "v2"), make_bodies(n), strict=True):
         bodies[f"/{version}/all"] = body
         employees = orjson.loads(body)["response"]["payload"]["employees"]
         pages[f"/{version}/paged"] = [envelope(employees[i:i + page_size]) for i in range(0, n, page_size)]
@@ -326,11 +324,11 @@ def report(args, out: dict, sizes: dict) -> bool:
     sums = [0.0] * len(cols)
     for label in labels:
         values = [statistics.median(s.stages.get(label, 0.0) for s in samples[col]) for col in cols]
-        sums = [a + b for a, b in zip(sums, values)]
+        sums = [a + b for a, b in zip(sums, values, strict=True)]
         if any(v >= 0.00005 for v in values):
             print(f"    {label:<38}" + "".join(f"{v * 1000:>14.1f}" for v in values))
     totals = [med(*col) for col in cols]
-    print(f"    {'rest (envelopes, hashing, glue)':<38}" + "".join(f"{(t - s) * 1000:>14.1f}" for t, s in zip(totals, sums)))
+    print(f"    {'rest (envelopes, hashing, glue)':<38}" + "".join(f"{(t - s) * 1000:>14.1f}" for t, s in zip(totals, sums, strict=True)))
     print(f"    {'total':<38}" + "".join(f"{t * 1000:>14.1f}" for t in totals))
     print(f"    {'  of which cyclic GC':<38}" + "".join(f"{med(*col, 'gc_seconds') * 1000:>14.1f}" for col in cols))
     print(f"    {'  full (gen 2) collections':<38}" + "".join(f"{med(*col, 'gc_full'):>14.0f}" for col in cols))

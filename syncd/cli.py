@@ -8,6 +8,7 @@ import base64
 import os
 import sqlite3
 import sys
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -347,14 +348,14 @@ def _with_store(settings: Settings, fn):
 def _fmt_time(ts: float | None) -> str:
     if ts is None:
         return "-"
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
     return "\n".join(lines)
 
 
@@ -418,7 +419,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
 def parse_time(text: str) -> float:
     """An ISO 8601 time or date, or a duration meaning that long ago."""
     import time as _time
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from syncd.units import parse_duration
 
@@ -433,7 +434,7 @@ def parse_time(text: str) -> float:
             f"invalid TIME {text!r}: use ISO 8601 (2026-11-27T10:00:00Z, 2026-11-27) or a duration ago (2h, 3d)"
         ) from None
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
 
 

@@ -22,10 +22,10 @@ from yarl import URL
 
 from syncd.errors import Problem
 from syncd.jsonpath import JsonPath, compile_path
+from syncd.settings import Settings, problems_from_validation, toml_problem
 from syncd.signing import secret_key
 from syncd.source.auth import basic_credentials
 from syncd.source.tls import ssl_context
-from syncd.settings import Settings, problems_from_validation, toml_problem
 from syncd.units import Duration
 
 _ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
@@ -45,7 +45,7 @@ class _Model(BaseModel):
     def _one_spelling(cls, data: Any) -> Any:
         # With aliases, `webhook_url` and `webhookURL` in one file would silently shadow each other.
         if isinstance(data, dict):
-            for name, info in cls.model_fields.items():
+            for info in cls.model_fields.values():
                 choices = info.validation_alias.choices if isinstance(info.validation_alias, AliasChoices) else []
                 given = [c for c in choices if isinstance(c, str) and c in data]
                 if len(given) > 1:

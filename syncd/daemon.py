@@ -19,8 +19,8 @@ from syncd.engine import RunResult, poll
 from syncd.http import poll_session, webhook_session
 from syncd.metrics import Metrics
 from syncd.scheduler import Scheduler
-from syncd.source.fetcher import Source
 from syncd.settings import Settings
+from syncd.source.fetcher import Source
 from syncd.store import Store
 from syncd.systemd import Notifier
 

@@ -120,7 +120,7 @@ class Deliverer:
                 log.warning("in-flight deliveries cancelled at shutdown; they stay queued", cancelled=self._cancelled)
             try:
                 await asyncio.wait_for(self._results.join(), max(self.drain_timeout, 1.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.error("could not record the last delivery outcomes before stopping; those events will be sent again")
             for task in (writer, stopper):
                 task.cancel()
@@ -163,7 +163,7 @@ class Deliverer:
                 break
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _refill(self) -> int:
@@ -270,7 +270,7 @@ class Deliverer:
                 else:
                     error = f"HTTP {status}{detail}"
                 return Outcome(event, False, status, error, retry_after, gone=status == 410)
-        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             return Outcome(event, False, None, describe_error(exc, self.timeout.total, "webhook_timeout"))
         finally:
             if self.metrics is not None and self.metrics.known(event.sync_id):

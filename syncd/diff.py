@@ -7,8 +7,8 @@ order inside a record does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -199,13 +199,13 @@ class SnapshotBuilder:
             )
         keys = self._ids if self._all_str else list(map(str, self._ids))
         digests, kept = self._digests, self._kept
-        fingerprints = dict(zip(keys, digests))
+        fingerprints = dict(zip(keys, digests, strict=True))
         duplicates = 0
         if len(fingerprints) == len(keys):
-            records = dict(zip(keys, kept))
+            records = dict(zip(keys, kept, strict=True))
         else:  # duplicate ids: the first occurrence wins
             fingerprints, records = {}, {}
-            for key, digest, record in zip(keys, digests, kept):
+            for key, digest, record in zip(keys, digests, kept, strict=True):
                 if key in fingerprints:
                     duplicates += 1
                     continue

@@ -14,7 +14,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -44,7 +44,7 @@ def new_id(prefix: str) -> str:
 
 
 def iso_timestamp(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass
@@ -259,9 +259,8 @@ async def _poll(sync: Sync, store: Store | None, source: Source, dry_run: bool, 
 async def _poll_one(run: _Run, fetch: Fetch) -> None:
     """A one-request sync: the byte-identical and 304 short cuts come before any parsing."""
     sync, state = run.sync, run.state
-    page: Page | None = None
-    async for page in fetch.pages():
-        pass
+    pages = [page async for page in fetch.pages()]  # one request: one page
+    page = pages[-1]
     run.result.pages, run.result.requests = fetch.pages_fetched, fetch.requests
     validators = _validators(page, sync) if sync.spec.conditional_requests else None
     if page.not_modified:

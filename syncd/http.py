@@ -45,7 +45,7 @@ async def error_snippet(resp: aiohttp.ClientResponse) -> str:
     """The start of an error body, which often says why (`{"error":"invalid token"}`)."""
     try:
         text = (await resp.content.read(200)).decode("utf-8", "replace")
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         return ""
     text = " ".join(text.split())
     return f": {text}" if text else ""

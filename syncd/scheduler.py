@@ -91,7 +91,7 @@ class Scheduler:
             if delay > 0:
                 try:
                     await asyncio.wait_for(entry.reschedule.wait(), delay)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 else:
                     entry.reschedule.clear()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
+from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
-from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, ByteSize, Field, SecretStr, ValidationError, field_validator
@@ -129,7 +129,7 @@ class _CredentialsSource(PydanticBaseSettingsSource):
         return found
 
 
-_settings_file_data: ContextVar[dict[str, Any]] = ContextVar("_settings_file_data", default={})
+_settings_file_data: ContextVar[dict[str, Any] | None] = ContextVar("_settings_file_data", default=None)
 
 
 class _FileSource(PydanticBaseSettingsSource):
@@ -139,7 +139,7 @@ class _FileSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return dict(_settings_file_data.get())
+        return dict(_settings_file_data.get() or {})
 
 
 def settings_file_path(explicit: str | Path | None) -> tuple[Path | None, bool]:

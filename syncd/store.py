@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from contextlib import asynccontextmanager
-
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -6,7 +6,6 @@ import copy
 import sqlite3
 
 import orjson
-
 from conftest import run_cli, write_sync
 from test_engine import SEED
 

@@ -30,10 +30,9 @@ from typing import Any
 
 import orjson
 import pytest
+from conftest import cli_env, write_sync
 
 from syncd.diff import DELETED, MODIFIED, NEW, fingerprint
-
-from conftest import cli_env, write_sync
 
 SYNC_ID = "crash"
 SEED = 20240611

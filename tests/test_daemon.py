@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import signal
@@ -12,9 +13,8 @@ import subprocess
 import aiohttp
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import run_cli, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 LIST = {"items": [{"id": 1, "v": 1}, {"id": 2, "v": 1}]}
 
@@ -78,7 +78,7 @@ async def test_hot_reload_add_edit_break_delete(upstream, receiver, conf_dir, st
     hits = len(upstream.hits("/b2"))
     await asyncio.sleep(1)
     assert len(upstream.hits("/b2")) == hits
-    gaps = [b["at"] - a["at"] for a, b in zip(upstream.hits("/a"), upstream.hits("/a")[1:])]
+    gaps = [b["at"] - a["at"] for a, b in itertools.pairwise(upstream.hits("/a"))]
     assert max(gaps) < 1.0, gaps
     assert await d.stop() == 0
 

@@ -34,6 +34,7 @@ What syncd promises and the test asserts:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import signal
 import sqlite3
@@ -46,10 +47,9 @@ from typing import Any
 
 import orjson
 import pytest
+from conftest import cli_env
 
 from syncd.store import Store
-
-from conftest import cli_env
 
 SYNC_ID = "crashy"
 SEED = 20240917
@@ -116,7 +116,7 @@ class Source:
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), self.rng.uniform(0.02, 0.08))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             if stop.is_set():
                 break
@@ -303,7 +303,7 @@ async def test_sigkill_during_deliveries_loses_nothing_and_keeps_record_order(up
                 hook.on_countdown, hook.countdown = kill, rng.randint(1, 15)
                 try:
                     await asyncio.wait_for(killed.wait(), 5.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     rnd.mode = "timed (no delivery arrived within 5s)"
                 hook.countdown = hook.on_countdown = None
             else:
@@ -372,7 +372,7 @@ async def test_sigkill_during_deliveries_loses_nothing_and_keeps_record_order(up
     record_of = {e[0]: e[2] for e in emitted}
     body_of = {e[0]: e[4] for e in emitted}
     by_record: dict[str, list[str]] = {}
-    for event_id, sync_id, record_id, seq, body in emitted:
+    for event_id, sync_id, record_id, _seq, _body in emitted:
         assert sync_id == SYNC_ID
         by_record.setdefault(record_id, []).append(event_id)
 
@@ -388,7 +388,7 @@ async def test_sigkill_during_deliveries_loses_nothing_and_keeps_record_order(up
     for r in acked:
         first_ack_wall.setdefault(r["event"]["eventId"], r["wall"])
     queued_behind = sum(
-        1 for events in by_record.values() for before, after in zip(events, events[1:])
+        1 for events in by_record.values() for before, after in itertools.pairwise(events)
         if _wall(orjson.loads(body_of[after])["timestamp"]) < first_ack_wall.get(before, float("inf"))
     )
     summary = (
@@ -438,7 +438,7 @@ async def test_sigkill_during_deliveries_loses_nothing_and_keeps_record_order(up
             first_ack.setdefault(event_id, r["at"])
     assert not backwards, f"ORDER: a record's older event was sent after a newer one: {_limited(backwards, 5)}; {summary}"
     for record_id, events in by_record.items():
-        for before, after in zip(events, events[1:]):
+        for before, after in itertools.pairwise(events):
             if after in first_arrival and not (before in first_ack and first_ack[before] <= first_arrival[after]):
                 early.append(f"record {record_id}: {after} (seq {seq_of[after]}) was sent before {before} "
                              f"(seq {seq_of[before]}) was acknowledged")

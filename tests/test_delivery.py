@@ -12,17 +12,15 @@ import time
 import aiohttp
 import orjson
 import pytest
+from conftest import run_cli, wait_for
 
 from syncd.config import load_dir
 from syncd.delivery import Deliverer, Target, next_delay
-from syncd.http import parse_retry_after
 from syncd.engine import poll
-from syncd.http import poll_session
-from syncd.source.fetcher import Source
+from syncd.http import parse_retry_after, poll_session
 from syncd.settings import load_settings
+from syncd.source.fetcher import Source
 from syncd.store import Store
-
-from conftest import run_cli, wait_for
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 

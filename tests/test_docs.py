@@ -39,8 +39,8 @@ def test_shipped_examples_are_valid(tmp_path, monkeypatch):
 
 
 def test_metrics_reference_matches_the_registry():
-    from prometheus_client.parser import text_string_to_metric_families
     from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
 
     from syncd.metrics import Metrics
 

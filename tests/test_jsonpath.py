@@ -60,7 +60,7 @@ def assert_plain_matches_rw(text: str, doc: Any) -> None:
     assert_same(got, expected)
     if not crashed:
         # The very same objects, not copies (a str indexed by a str is a new str each time).
-        assert all(g is e for g, e in zip(got, expected) if not isinstance(e, str))
+        assert all(g is e for g, e in zip(got, expected, strict=True) if not isinstance(e, str))
     found = path.get(doc)
     if expected:
         assert len(expected) == 1

@@ -8,10 +8,9 @@ import sys
 
 import orjson
 import structlog
+from conftest import cli_env, run_cli, wait_for, write_sync
 
 from syncd import logs
-
-from conftest import cli_env, run_cli, wait_for, write_sync
 
 
 async def test_secrets_never_reach_logs_or_errors(upstream, conf_dir, state_path):

@@ -276,7 +276,7 @@ class Fetch:
                             return Response(resp.status, resp.reason or "", resp.headers, url, snippet=snippet)
                         body = await self._read(resp, where)
                         return Response(resp.status, resp.reason or "", resp.headers, url, body)
-            except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 if isinstance(exc, aiohttp.InvalidURL):
                     raise FetchError(f"{where}: invalid URL") from None
                 raise _Transient(describe_error(exc, self.timeout.total)) from None
