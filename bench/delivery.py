@@ -53,6 +53,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+
 from _child import peak_rss_mib, reset_peak_rss
 
 TARGET_RATIO = 0.60  # syncd events/s / baseline events/s, at least
@@ -80,9 +81,9 @@ def make_events(n: int, url: str) -> list[tuple[str, str, str, bytes]]:
     rnd = random.Random(20260101)
     run_id = new_id("run", rnd)
     now = time.time()
-    from syncd.engine import iso_timestamp  # the engine's own timestamp format
+    from syncd.units import iso_time  # the engine's own timestamp format
 
-    timestamp = iso_timestamp(now)
+    timestamp = iso_time(now)
     out = []
     for i in range(n):
         first, last = rnd.choice(FIRST), rnd.choice(LAST)
@@ -119,8 +120,9 @@ def make_events(n: int, url: str) -> list[tuple[str, str, str, bytes]]:
 
 def serve() -> None:
     """Child process: answer every POST with 204 (counting them), GET /stats, until stdin closes."""
-    from _child import serve_until_parent_exits
     from aiohttp import web
+
+    from _child import serve_until_parent_exits
 
     stats = {"posts": 0, "signed": 0, "bytes": 0}
 

@@ -45,8 +45,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import orjson
-from _child import peak_rss_mib, reset_peak_rss
 from xxhash import xxh3_128_digest
+
+from _child import peak_rss_mib, reset_peak_rss
 
 TARGET_RATIO = 0.70  # syncd 1%-changed throughput / baseline throughput, at least
 TARGET_UNCHANGED = 0.05  # unchanged-run time / 1%-changed-run time, below
@@ -109,8 +110,9 @@ def make_bodies(n: int) -> tuple[bytes, bytes]:
 
 def serve(directory: Path, n: int) -> None:
     """Child process: make the bodies, write them to `directory`, serve /v1 and /v2 until stdin closes."""
-    from _child import serve_until_parent_exits
     from aiohttp import web
+
+    from _child import serve_until_parent_exits
 
     v1, v2 = make_bodies(n)
     (directory / "v1.json").write_bytes(v1)
@@ -188,7 +190,7 @@ def instrument() -> list[str]:
         (Fetch, "_exchange", "fetch (HTTP GET, body read)"),
         (Store, "sync_state", "Store.sync_state"),
         (Store, "fingerprints", "Store.fingerprints"),
-        (syncd.engine, "parse_json", "orjson.loads"),
+        (syncd.engine, "parse_document", "parse (scan + orjson.loads)"),
         (syncd.diff.SnapshotBuilder, "add", "SnapshotBuilder.add (extract+fp)"),
         (syncd.diff.SnapshotBuilder, "finish", "SnapshotBuilder.finish"),
         (syncd.diff, "changes", "diff.changes"),

@@ -16,6 +16,8 @@ from xxhash import xxh3_128_digest
 
 from syncd.errors import ExtractError
 from syncd.jsonpath import MISSING, JsonPath, without
+from syncd.records import ExactNumber
+from syncd.records import dumps as exact_dumps
 
 NEW = "record.new"
 MODIFIED = "record.modified"
@@ -29,7 +31,7 @@ def fingerprint(record: Any, ignore: tuple[JsonPath, ...] = ()) -> bytes:
     """16-byte fingerprint of `record` minus the `ignore` paths."""
     if ignore:
         record = without(record, list(ignore))
-    return xxh3_128_digest(orjson.dumps(record, option=_SORT))
+    return xxh3_128_digest(exact_dumps(record, option=_SORT))
 
 
 @dataclass
@@ -43,6 +45,8 @@ class Snapshot:
     #: Records whose id was already seen earlier in the same response (only the first counts).
     duplicate_ids: int = 0
     invalid_examples: list[str] = field(default_factory=list)
+    #: Some record may hold numbers kept as text (records.ExactNumber): serialise with records.dumps.
+    exact: bool = False
 
 
 def _getter(path: JsonPath | None) -> Callable[[Any], Any]:
@@ -87,6 +91,8 @@ def _record_id(value: Any) -> str | None:
         return value
     if kind is int:
         return str(value)
+    if kind is ExactNumber:
+        return str.__str__(value)  # an integer beyond 64 bits, as written
     if kind is float:
         if abs(value) >= 2**53:
             # A number beyond what a double holds exactly (e.g. an integer over 64 bits, which the
@@ -126,12 +132,16 @@ class SnapshotBuilder:
         self.examples: list[str] = []
         self._first_skipped: Any = MISSING
         self._whole: Snapshot | None = None
+        self.exact = False
 
-    def add(self, document: Any, page: int | None = None) -> None:
-        """Add the records of one parsed page (`page`: its number, for messages)."""
+    def add(self, document: Any, page: int | None = None, *, exact: bool = False) -> None:
+        """Add the records of one parsed page (`page`: its number, for messages; `exact`: it was
+        parsed with numbers kept as text, see records.parse_document)."""
+        self.exact = self.exact or exact
         if self.list_path is None:
             self.items += 1
-            self._whole = Snapshot({self.sync_id: fingerprint(document, tuple(self.ignore))}, {self.sync_id: document})
+            self._whole = Snapshot({self.sync_id: fingerprint(document, tuple(self.ignore))}, {self.sync_id: document},
+                                   exact=self.exact)
             return
         list_path = self.list_path
         where = f" of page {page}" if page else ""
@@ -143,13 +153,13 @@ class SnapshotBuilder:
         items = found[0]
         if type(items) is not list:
             raise ExtractError(f"list_identifier {list_path.text} leads to {_json_type(items)}{where}, not an array")
-        self._add_items(items, page)
+        self._add_items(items, page, exact)
 
-    def _add_items(self, items: list, page: int | None) -> None:
+    def _add_items(self, items: list, page: int | None, exact: bool) -> None:
         add_id, add_digest, keep = self._ids.append, self._digests.append, self._kept.append
         get_id = self._get_id
         ignore_list = self.ignore
-        dumps = orjson.dumps
+        dumps = exact_dumps if exact else orjson.dumps
         all_str = self._all_str
         invalid = 0
         # Once per record: keep it flat. Ids are collected raw and turned into strings in one C-level
@@ -212,7 +222,7 @@ class SnapshotBuilder:
                 fingerprints[key] = digest
                 records[key] = record
         self._ids, self._digests, self._kept = [], [], []
-        return Snapshot(fingerprints, records, self.invalid, duplicates, self.examples)
+        return Snapshot(fingerprints, records, self.invalid, duplicates, self.examples, exact=self.exact)
 
 
 @dataclass(slots=True)

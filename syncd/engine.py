@@ -14,7 +14,6 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -23,10 +22,13 @@ from xxhash import xxh3_128, xxh3_128_digest
 
 from syncd import diff
 from syncd.config import Sync, scrub
-from syncd.errors import CommitError, FetchError, ParseError, RunError
+from syncd.errors import CommitError, FetchError, RunError
+from syncd.records import dumps as exact_dumps
+from syncd.records import parse_document, parse_json
 from syncd.source.fetcher import Fetch, Page, Source
 from syncd.source.paginate import next_page_hint
 from syncd.store import Commit, OutboxEvent, RunRecord, StateConflict, Store
+from syncd.units import iso_time
 
 log = structlog.get_logger("syncd.engine")
 
@@ -41,10 +43,6 @@ THREAD_THRESHOLD = 512 * 1024
 def new_id(prefix: str) -> str:
     """`prefix_` + 32 hex digits: 48 bits of milliseconds (sortable by time) then 80 random bits."""
     return f"{prefix}_{int(time.time() * 1000):012x}{os.urandom(10).hex()}"
-
-
-def iso_timestamp(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass
@@ -75,17 +73,6 @@ class RunResult:
     @property
     def ok(self) -> bool:
         return self.outcome != "failed"
-
-
-def parse_json(body: bytes):
-    """Strict RFC 8259 JSON (no NaN/Infinity, valid UTF-8, bounded nesting)."""
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        start = body[:60].decode("utf-8", "replace")
-        start = " ".join(start.split())
-        hint = " (an HTML page: is the URL or the token right?)" if start.lstrip().startswith("<") else ""
-        raise ParseError(f"response is not valid JSON: {exc}; it starts with {start!r}{hint}") from None
 
 
 @dataclass
@@ -134,9 +121,9 @@ def _analyse(sync: Sync, body: bytes, old: dict[str, bytes], initial: bool, reba
              hold_deletes: bool = False) -> tuple[_Analysis, Any]:
     """Parse, extract and diff a one-page response (in a worker thread when it is large)."""
     with _gc_paused():
-        document = parse_json(body)
+        document, exact = parse_document(body)
         builder = diff.SnapshotBuilder(sync.id, sync.list_path, sync.id_path, sync.ignore_paths)
-        builder.add(document)
+        builder.add(document, exact=exact)
         snap = builder.finish()
         hint = next_page_hint(None, document) if sync.list_path is not None else None
         del document  # freed before the collector runs again: the records live on only in `changes`
@@ -157,9 +144,9 @@ def _changes(sync: Sync, snap: diff.Snapshot, old: dict[str, bytes], initial: bo
         snap.records = {}
         sync_type = INITIAL if initial else DELTA
         now = time.time()
-        timestamp = iso_timestamp(now)
+        timestamp = iso_time(now)
         webhook_url = sync.spec.webhook_url
-        dumps = orjson.dumps
+        dumps = exact_dumps if snap.exact else orjson.dumps
         events: list[OutboxEvent] = []
         for change in changes:
             event_id = new_id("evt")
@@ -319,7 +306,9 @@ async def _poll_pages(run: _Run, fetch: Fetch) -> None:
 
 def _add_page(builder: diff.SnapshotBuilder, page: Page) -> None:
     with _gc_paused():
-        builder.add(page.json(parse_json), page.number)
+        document, exact = parse_document(page.body)
+        page.document, page.parsed = document, True  # the paginator reads it for the next request
+        builder.add(document, page.number, exact=exact)
 
 
 def _validators(page: Page, sync: Sync) -> dict[str, str] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer
@@ -52,3 +53,10 @@ def format_duration(seconds: float) -> str:
 
 #: A duration field: accepts "30s" or 30, holds float seconds, prints back as "30s".
 Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)]
+
+
+def iso_time(ts: float | None) -> str | None:
+    """`2026-11-30T11:43:53.123Z` (UTC, milliseconds: the webhook `timestamp` format), or None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,111 @@
+"""Response bodies as JSON values: strict parsing that keeps every number exact, and serialising.
+
+orjson, the fast parser, reads an integer beyond 64 bits or a decimal beyond double precision as
+a (rounded) double: `eventData` would differ from what the API sent, and a change hidden by the
+rounding would never be reported. Such numbers need 16 or more significant digits (or an exponent
+beyond a double's range), so a quick scan of the raw bytes sends the rare body that has one to an
+exact parser; every other body takes the fast path unchanged. Numbers a double cannot hold become
+`ExactNumber`s, written back as the same digits.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+
+from syncd.errors import ParseError
+
+#: Digits and '.' -> '0', everything else -> ' ': a run of 16 '0's marks a number that may need
+#: more than a double (or a long digit string, which only costs the slow path).
+_SCAN = bytes(0x30 if 0x30 <= c <= 0x39 or c == 0x2E else 0x20 for c in range(256))
+_RUN = b"0" * 16
+
+
+class ExactNumber(str):
+    """A JSON number kept as its literal text (`123456789012345678901234567890`); serialised as
+    that number, not as a string."""
+
+    __slots__ = ()
+
+
+def _default(value: Any) -> Any:
+    if type(value) is ExactNumber:
+        return orjson.Fragment(value.encode())
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+#: Options and hook for orjson.dumps of anything that came from parse_json.
+DUMPS_OPTION = orjson.OPT_PASSTHROUGH_SUBCLASS
+
+
+def dumps(value: Any, option: int = 0) -> bytes:
+    """orjson.dumps that writes ExactNumbers as the numbers they are."""
+    return orjson.dumps(value, default=_default, option=option | DUMPS_OPTION)
+
+
+_CHUNK = 1 << 16  # scanned a piece at a time: the translated copy stays in the CPU cache
+
+
+def _may_need_exact(body: bytes) -> bool:
+    for start in range(0, len(body), _CHUNK):
+        if body[start:start + _CHUNK + 15].translate(_SCAN).find(_RUN) != -1:
+            return True
+    return False
+
+
+def parse_json(body: bytes) -> Any:
+    """Strict RFC 8259 JSON (no NaN/Infinity, valid UTF-8, bounded nesting), numbers kept exact."""
+    return parse_document(body)[0]
+
+
+def parse_document(body: bytes) -> tuple[Any, bool]:
+    """parse_json, and whether the value may hold ExactNumbers (then serialise it with `dumps`)."""
+    if not _may_need_exact(body):
+        try:
+            return orjson.loads(body), False
+        except orjson.JSONDecodeError as exc:
+            if "infinity" not in str(exc):  # 1e400: exact path below; anything else is not JSON
+                raise ParseError(_not_json(body, exc)) from None
+    return _parse_exact(body), True
+
+
+def _parse_exact(body: bytes) -> Any:
+    # Validate with orjson first (strictness, nesting, UTF-8 and its messages) unless only a number
+    # beyond a double's range stopped it; then parse again keeping numbers as written.
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if "infinity" not in str(exc):
+            raise ParseError(_not_json(body, exc)) from None
+    try:
+        return json.loads(body.decode("utf-8"), parse_int=_int, parse_float=_float, parse_constant=_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ParseError(_not_json(body, exc)) from None
+
+
+def _int(text: str) -> Any:
+    value = int(text)
+    # orjson writes integers of up to 64 bits exactly; wider ones stay text.
+    return value if -(2**63) <= value < 2**64 else ExactNumber(text)
+
+
+def _float(text: str) -> Any:
+    value = float(text)
+    try:
+        exact = value not in (float("inf"), float("-inf")) and Decimal(repr(value)) == Decimal(text)
+    except InvalidOperation:
+        exact = False
+    return value if exact else ExactNumber(text)
+
+
+def _constant(text: str) -> Any:
+    raise ValueError(f"{text} is not a JSON number")
+
+
+def _not_json(body: bytes, exc: BaseException) -> str:
+    start = " ".join(body[:60].decode("utf-8", "replace").split())
+    hint = " (an HTML page: is the URL or the token right?)" if start.lstrip().startswith("<") else ""
+    return f"response is not valid JSON: {exc}; it starts with {start!r}{hint}"
