@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 
 import orjson
+
 from _child import peak_rss_mib, reset_peak_rss
 from engine import GC, ID_PATH, LIST_PATH, STAGES, changed_indices, fail, instrument, make_bodies, stop_server
 
@@ -69,8 +70,9 @@ def envelope(employees: list) -> bytes:
 
 def serve(n: int, page_size: int) -> None:
     """Child process: serve /vX/all and /vX/paged?page=I&per_page=P until stdin closes."""
-    from _child import serve_until_parent_exits
     from aiohttp import web
+
+    from _child import serve_until_parent_exits
 
     bodies: dict[str, bytes] = {}
     pages: dict[str, list[bytes]] = {}

@@ -24,9 +24,23 @@ EX_CONFIG = 78  # sysexits.h EX_CONFIG: systemd's RestartPreventExitStatus=78 st
 _SETTINGS_HELP_GROUP = "settings (each also SYNCD_<NAME> in the environment or <name> in the settings file)"
 
 
-def _settings_parser() -> argparse.ArgumentParser:
-    """Flags for every setting, named after it in kebab case. Unset flags stay out of the namespace."""
+#: The settings each command uses (besides config_dir and state_path, which every command takes).
+#: Its --help lists these only; the others still apply from the environment and the settings file.
+#: `run` and `check` (which validates what `run` would use, like nginx -t) take every setting.
+_COMMAND_SETTINGS = {
+    "once": {"log_format", "log_level", "allow_insecure_webhooks", "max_response_bytes", "max_requests_per_host"},
+    "status": set(),
+    "reset": set(),
+    "deliveries": set(),
+    "demo": {"log_format", "log_level"},
+}
+
+
+def _settings_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Flags for the settings `command` uses (all of them for `run`), named after each in kebab
+    case. Unset flags stay out of the namespace."""
     parser = argparse.ArgumentParser(add_help=False)
+    wanted = _COMMAND_SETTINGS.get(command) if command else None
     group = parser.add_argument_group(_SETTINGS_HELP_GROUP)
     group.add_argument("--settings", metavar="FILE", default=argparse.SUPPRESS,
                        help="settings file (TOML); default /etc/syncd/syncd.toml if it exists, or SYNCD_SETTINGS_FILE")
@@ -35,6 +49,8 @@ def _settings_parser() -> argparse.ArgumentParser:
     from syncd.units import format_duration
 
     for name, info in Settings.model_fields.items():
+        if wanted is not None and name not in wanted | {"config_dir", "state_path"}:
+            continue
         flag = "--" + name.replace("_", "-")
         text = info.description or ""
         choices = getattr(info.annotation, "__args__", ()) if "Literal" in str(info.annotation) else ()
@@ -74,6 +90,7 @@ def _load_settings(args: argparse.Namespace) -> Settings:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _settings_parser()
+    flags = {name: _settings_parser(name) for name in _COMMAND_SETTINGS}
     parser = argparse.ArgumentParser(
         prog="syncd",
         description="Watch HTTP APIs and send signed webhooks for every record added, changed or removed.",
@@ -89,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing when the configuration is valid")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("once", parents=[common], help="run one poll of one sync now and print its events",
+    p = sub.add_parser("once", parents=[flags["once"]], help="run one poll of one sync now and print its events",
                        description="Poll sync ID once, commit the result to the state database like the daemon "
                                    "(events go to the outbox for delivery), and print each event as one JSON line. "
                                    "Exit 0 if the poll succeeded, 1 if it failed.")
@@ -103,13 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "on changes and on SIGHUP; SIGTERM/SIGINT stop it gracefully (exit 0).")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("status", parents=[common], help="show each sync's last run, records, pending and dead events",
+    p = sub.add_parser("status", parents=[flags["status"]], help="show each sync's last run, records, pending and dead events",
                        description="Per sync: last run, outcome, record count, pending and dead webhook events, read "
                                    "from the state database (works while the daemon runs).")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("reset", parents=[common], help="forget a sync's fingerprints (its next run is an initial sync)",
+    p = sub.add_parser("reset", parents=[flags["reset"]], help="forget a sync's fingerprints (its next run is an initial sync)",
                        description="Forget the stored fingerprints of sync ID: its next run sends every record as "
                                    "record.new with syncType initial_sync. Queued webhooks are kept.")
     p.add_argument("sync_id", metavar="ID")
@@ -119,24 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Inspect and manage webhook events that are not delivered yet. TIME is an ISO 8601 "
                                    "time (2026-11-27T10:00:00Z, 2026-11-27) or a duration meaning that long ago (2h, 3d).")
     dsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    d = dsub.add_parser("list", parents=[common], help="list pending events and dead letters")
+    d = dsub.add_parser("list", parents=[flags["deliveries"]], help="list pending events and dead letters")
     d.add_argument("--sync", metavar="ID", help="only this sync")
     d.add_argument("--dead", action="store_true", help="only dead letters")
     d.add_argument("--json", action="store_true", help="print JSON instead of a table")
     d.add_argument("--limit", type=int, default=1000, help="at most this many rows (default 1000)")
     d.set_defaults(func=cmd_deliveries_list)
-    d = dsub.add_parser("replay", parents=[common], help="put dead letters back in the queue with fresh attempts")
+    d = dsub.add_parser("replay", parents=[flags["deliveries"]], help="put dead letters back in the queue with fresh attempts")
     d.add_argument("--sync", metavar="ID", help="only this sync")
     d.add_argument("--since", metavar="TIME", type=parse_time, help="only events that died at or after TIME")
     d.add_argument("--event", metavar="EVENT_ID", help="only this event")
     d.set_defaults(func=cmd_deliveries_replay)
-    d = dsub.add_parser("purge", parents=[common], help="delete dead letters for good")
+    d = dsub.add_parser("purge", parents=[flags["deliveries"]], help="delete dead letters for good")
     d.add_argument("--dead", action="store_true", required=True, help="required: only dead letters can be purged")
     d.add_argument("--before", metavar="TIME", type=parse_time, required=True, help="delete dead letters that died before TIME")
     d.add_argument("--sync", metavar="ID", help="only this sync")
     d.set_defaults(func=cmd_deliveries_purge)
 
-    p = sub.add_parser("demo", parents=[common], help="a self-contained showcase: fake API, webhook receiver, daemon",
+    p = sub.add_parser("demo", parents=[flags["demo"]], help="a self-contained showcase: fake API, webhook receiver, daemon",
                        description="Start a local fake API whose records change over time, a local webhook receiver "
                                    "that verifies signatures and prints every event, and the daemon between them, all "
                                    "on 127.0.0.1 with a temporary state. Stop with Ctrl-C.")
@@ -153,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Everything syncd writes (state, API-created definitions) holds record data or secrets.
+    os.umask(0o077)
     try:
         return args.func(args)
     except ConfigError as exc:
@@ -162,9 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130
-    except sqlite3.DatabaseError as exc:
-        # A state database this syncd cannot use (newer schema, not SQLite, damaged): one line, no traceback.
-        print(f"syncd: cannot use the state database: {exc}", file=sys.stderr)
+    except StateUnusable as exc:
+        print(f"syncd: {exc}", file=sys.stderr)
         return EX_FAILURE
 
 
@@ -189,6 +207,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     for sync in syncs.values():
         if sync.spec.webhook_secret and (warning := check_secret(sync.spec.webhook_secret)):
             print(f"{sync.file}: webhook_secret: warning: {warning}", file=sys.stderr)
+        if not sync.spec.webhook_secret and not default:
+            print(f"{sync.file}: webhook_secret: warning: no secret here nor in the daemon settings: events go out "
+                  "unsigned and receivers cannot tell them from forgeries (set webhook_secret; generate one with "
+                  "'syncd secret')", file=sys.stderr)
         for warning in load_warnings(sync):
             print(f"{sync.file}: tls_verify: warning: {warning}", file=sys.stderr)
     if not args.quiet:
@@ -209,7 +231,6 @@ async def _once(settings: Settings, sync_id: str, dry_run: bool) -> int:
     from syncd.engine import poll
     from syncd.http import poll_session
     from syncd.source.fetcher import Source
-    from syncd.store import Store
 
     syncs, problems = load_dir(settings)
     sync = syncs.get(sync_id)
@@ -227,9 +248,9 @@ async def _once(settings: Settings, sync_id: str, dry_run: bool) -> int:
 
     store = None
     if not dry_run:
-        store = await Store.open(settings.state_path)
+        store = await _open_store(settings.state_path, fallback_readonly=False)
     elif settings.state_path.exists():
-        store = await Store.open(settings.state_path, readonly=True)
+        store = await _open_store(settings.state_path, readonly=True)
     for warning in load_warnings(sync):
         print(f"warning: {sync.file}: {warning}", file=sys.stderr)
     try:
@@ -308,8 +329,13 @@ async def _serve(settings: Settings, daemon=None) -> int:
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
+    from syncd.store import StateLocked
+
     try:
         await daemon.run()
+    except StateLocked as exc:
+        log.error("cannot start: the state database is in use", error=str(exc))
+        return EX_FAILURE
     except OSError as exc:
         log.error("cannot start", error=str(exc),
                   hint="check --listen (is the port free?) and that state_path's directory is writable")
@@ -321,28 +347,66 @@ async def _serve(settings: Settings, daemon=None) -> int:
     return EX_OK
 
 
-def _open_state(settings: Settings):
+class StateUnusable(Exception):
+    """The state database cannot be used; the message says why and what to do, in one line."""
+
+
+def state_error(path: Path, exc: BaseException) -> str:
+    """One line about a state database that cannot be used: which file, why, and what to do."""
+    text = str(exc)
+    low = text.lower()
+    if isinstance(exc, PermissionError) or "readonly" in low or "read-only" in low or "unable to open" in low:
+        return (f"cannot write the state database {path} ({text}): run as the user that owns it "
+                f"(e.g. sudo -u syncd syncd ...), or check its and its directory's permissions")
+    if "locked" in low:
+        return f"the state database {path} stayed locked by another process ({text}); try again"
+    if "full" in low:
+        return f"the state database {path} cannot grow: {text}; free disk space where it lives"
+    if "schema version" in low:
+        return text
+    if isinstance(exc, sqlite3.DatabaseError):
+        return (f"{path} is not a usable SQLite state database ({text}): restore it from a backup, or move it "
+                "away to start afresh (its fingerprints and queued webhooks are then lost)")
+    return f"cannot use the state database {path}: {text}"
+
+
+async def _open_store(path: Path, *, readonly: bool = False, fallback_readonly: bool = True):
+    """Open the state database, or raise StateUnusable with a one-line reason. A database the user
+    may read but not write is opened read-only (enough for status and deliveries list)."""
     from syncd.store import Store
 
-    if not settings.state_path.exists():
-        print(f"syncd: no state database at {settings.state_path} yet (nothing has run; check --state-path)", file=sys.stderr)
-        return None
-    return Store.open(settings.state_path)
+    try:
+        return await Store.open(path, readonly=readonly)
+    except (sqlite3.Error, OSError) as exc:
+        if fallback_readonly and not readonly and path.exists() and os.access(path, os.R_OK) and not os.access(path, os.W_OK):
+            try:
+                return await Store.open(path, readonly=True)
+            except (sqlite3.Error, OSError):
+                pass
+        raise StateUnusable(state_error(path, exc)) from None
 
 
 def _with_store(settings: Settings, fn):
     """`await fn(store)` on the state database; None (after saying why) when there is none yet."""
     async def go():
-        opened = _open_state(settings)
-        if opened is None:
+        if not settings.state_path.exists():
+            print(f"syncd: no state database at {settings.state_path} yet (nothing has run; check --state-path)",
+                  file=sys.stderr)
             return None
-        store = await opened
+        store = await _open_store(settings.state_path)
         try:
             return await fn(store)
+        except sqlite3.Error as exc:
+            raise StateUnusable(state_error(settings.state_path, exc)) from None
         finally:
             await store.close()
 
     return asyncio.run(go())
+
+
+def _fmt_iso(text: str | None) -> str:
+    """An ISO time from a status view, as the tables show times."""
+    return "-" if text is None else text[:19].replace("T", " ") + "Z"
 
 
 def _fmt_time(ts: float | None) -> str:
@@ -362,12 +426,15 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     import orjson
 
-    from syncd.config import load_dir
+    from syncd.config import declared_id, load_dir
+    from syncd.status import sync_view
 
     settings = _load_settings(args)
     syncs, problems = load_dir(settings)
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
+    # A broken file still declares its sync: the daemon keeps running that sync's last good version.
+    invalid = {declared_id(Path(p.source)) for p in problems if p.source.endswith(".toml")}
 
     async def collect(store):
         return await store.all_states(), await store.outbox_stats()
@@ -375,33 +442,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     states, stats = _with_store(settings, collect) or ([], {})
     by_id = {s.sync_id: s for s in states}
     out = []
-    for sync_id in sorted(set(syncs) | set(by_id)):
-        state, s = by_id.get(sync_id), stats.get(sync_id)
-        out.append({
-            "id": sync_id,
-            "configured": sync_id in syncs,
-            "last_run_at": state.last_run_at if state else None,
-            "last_outcome": state.last_outcome if state else None,
-            "last_error": state.last_error if state else None,
-            "last_warning": state.last_warning if state else None,
-            "last_success_at": state.last_success_at if state else None,
-            "last_change_at": state.last_change_at if state else None,
-            "records": state.record_count if state else 0,
-            "pending_events": s.pending if s else 0,
-            "dead_events": s.dead if s else 0,
-        })
+    for sync_id in sorted(set(syncs) | set(by_id) | invalid):
+        definition = "ok" if sync_id in syncs else "invalid" if sync_id in invalid else "removed"
+        out.append(sync_view(sync_id, sync=syncs.get(sync_id), state=by_id.get(sync_id), stats=stats.get(sync_id),
+                             definition=definition))
     if args.json:
         sys.stdout.buffer.write(orjson.dumps({"syncs": out}, option=orjson.OPT_INDENT_2) + b"\n")
         return EX_OK
     if not out:
         print(f"no syncs in {settings.config_dir} and no state in {settings.state_path}")
         return EX_OK
-    rows = [[o["id"] + ("" if o["configured"] else " (removed)"), _fmt_time(o["last_run_at"]), o["last_outcome"] or "never run",
+    label = {"ok": "", "invalid": " (invalid file)", "removed": " (removed)"}
+    rows = [[o["id"] + label[o["definition"]], _fmt_iso(o["last_run_at"]), o["last_outcome"] or "never run",
              str(o["records"]), str(o["pending_events"]), str(o["dead_events"]), (o["last_error"] or "")[:80]] for o in out]
     print(_table(rows, ["SYNC", "LAST RUN", "OUTCOME", "RECORDS", "PENDING", "DEAD", "LAST ERROR"]))
     for o in out:
         if o["last_warning"]:
             print(f"warning: {o['id']}: {o['last_warning']}")
+    if invalid:
+        print("(invalid file): the definition file has problems (see above); 'syncd run' keeps polling the sync's "
+              "last good version, if it had one, until the file is fixed")
     return EX_OK
 
 
@@ -441,14 +501,16 @@ def parse_time(text: str) -> float:
 def cmd_deliveries_list(args: argparse.Namespace) -> int:
     import orjson
 
+    from syncd.status import iso_time
+
     settings = _load_settings(args)
     rows = _with_store(settings, lambda st: st.deliveries(sync_id=args.sync, dead_only=args.dead, limit=args.limit)) or []
     if args.json:
         data = [{
             "eventId": d.event_id, "sync": d.sync_id, "recordId": d.record_id, "eventType": d.event_type,
-            "state": d.state, "attempts": d.attempts, "createdAt": _fmt_time(d.created_at),
-            "nextAttemptAt": None if d.dead_at else _fmt_time(d.next_attempt_at),
-            "deadAt": _fmt_time(d.dead_at) if d.dead_at else None, "lastStatus": d.last_status, "lastError": d.last_error,
+            "state": d.state, "attempts": d.attempts, "createdAt": iso_time(d.created_at),
+            "nextAttemptAt": None if d.dead_at else iso_time(max(d.next_attempt_at, d.created_at)),
+            "deadAt": iso_time(d.dead_at), "lastStatus": d.last_status, "lastError": d.last_error,
         } for d in rows]
         sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
         return EX_OK
@@ -456,7 +518,7 @@ def cmd_deliveries_list(args: argparse.Namespace) -> int:
         print("no undelivered events" + (" (dead letters)" if args.dead else ""))
         return EX_OK
     table = [[d.event_id, d.sync_id, d.record_id, d.event_type, d.state, str(d.attempts),
-              _fmt_time(d.dead_at if d.dead_at else d.next_attempt_at), (d.last_error or "")[:60]] for d in rows]
+              _fmt_time(d.dead_at if d.dead_at else max(d.next_attempt_at, d.created_at)), (d.last_error or "")[:60]] for d in rows]
     print(_table(table, ["EVENT", "SYNC", "RECORD", "TYPE", "STATE", "ATTEMPTS", "NEXT/DIED", "LAST ERROR"]))
     return EX_OK
 
@@ -465,11 +527,16 @@ def cmd_deliveries_replay(args: argparse.Namespace) -> int:
     import time as _time
 
     settings = _load_settings(args)
-    count = _with_store(settings, lambda st: st.replay(sync_id=args.sync, since=args.since, event_id=args.event, now=_time.time()))
-    if count is None:
+    counts = _with_store(settings, lambda st: st.replay(sync_id=args.sync, since=args.since, event_id=args.event, now=_time.time()))
+    if counts is None:
         return EX_USAGE
+    count, skipped = counts
     print(f"replayed {count} dead letter{'s' * (count != 1)}: queued again with fresh attempts"
-          + ("" if count else " (nothing matched)"))
+          + ("" if count or skipped else " (nothing matched)"))
+    if skipped:
+        print(f"skipped {skipped} superseded dead letter{'s' * (skipped != 1)}: a later event of the same record was "
+              "delivered or is queued, and sending the older one after it would undo it at the receiver "
+              "(see 'syncd deliveries list --dead'; 'syncd deliveries purge' removes them)")
     return EX_OK
 
 

@@ -26,8 +26,10 @@ from syncd.settings import Settings, problems_from_validation, toml_problem
 from syncd.signing import secret_key
 from syncd.source.auth import basic_credentials
 from syncd.source.tls import ssl_context
-from syncd.units import Duration
+from syncd.units import Duration, format_duration
 
+#: The shortest poll interval accepted (DESIGN §7: 1s). TODO(issue 8): tests still poll faster.
+MIN_INTERVAL = 0.05
 _ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 _VAR = re.compile(r"\$\$\{|\$\{([^}]*)\}")
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -248,8 +250,8 @@ class SyncSpec(_Model):
     webhook_url: str = Field(validation_alias=_alias("webhook_url", "webhookURL", "webhookUrl"), description="Where events are POSTed. https://, or http:// to a loopback host.")
     list_identifier: str | None = Field(None, validation_alias=_alias("list_identifier", "listIdentifier"), description="JSONPath to the array of records; absent: the whole response is one record.")
     record_identifier: str | None = Field(None, validation_alias=_alias("record_identifier", "recordIdentifier"), description="JSONPath inside each record to its id; required with list_identifier.")
-    interval: Duration = Field(300.0, gt=0, description="Time between polls.")
-    timeout: Duration = Field(30.0, gt=0, description="Timeout of each request to the API.")
+    interval: Duration = Field(300.0, description="Time between polls: 1s to 7d.")
+    timeout: Duration = Field(30.0, description="Timeout of each request to the API: 100ms to 1h.")
     ignore_fields: list[str] = Field(default_factory=list, validation_alias=_alias("ignore_fields", "ignoreFields"), description="JSONPaths inside each record left out of the fingerprint (still sent in eventData).")
     webhook_secret: str | None = Field(None, repr=False, validation_alias=_alias("webhook_secret", "webhookSecret"), description="Signing secret for this sync; overrides the daemon's webhook_secret.")
     rate_limit: str | None = Field(None, validation_alias=_alias("rate_limit", "rateLimit"), description="Most requests per unit of time to the API for this sync, e.g. \"10/s\" or \"600/m\".")
@@ -260,6 +262,20 @@ class SyncSpec(_Model):
     client_key: str | None = Field(None, repr=False, validation_alias=_alias("client_key", "clientKey"), description="PEM private key of client_cert (if not inside it).")
     conditional_requests: bool = Field(True, validation_alias=_alias("conditional_requests", "conditionalRequests"), description="One-request syncs: send the last ETag/Last-Modified back; 304 Not Modified is an unchanged run.")
     api_details: ApiDetails = Field(validation_alias=_alias("api_details", "apiDetails"), description="The request to send.")
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, value: float) -> float:
+        if not MIN_INTERVAL <= value <= 7 * 86400.0:
+            raise ValueError(f"{format_duration(value)} is out of range: between {format_duration(MIN_INTERVAL)} and 7d")
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: float) -> float:
+        if not 0.1 <= value <= 3600.0:
+            raise ValueError(f"{format_duration(value)} is out of range: between 100ms and 1h")
+        return value
 
     @field_validator("rate_limit")
     @classmethod
@@ -430,6 +446,14 @@ def load_file(path: Path, settings: Settings) -> tuple[Sync | None, list[Problem
     except tomllib.TOMLDecodeError as exc:
         return None, [toml_problem(source, exc)]
     except (OSError, UnicodeDecodeError) as exc:
+        if path.is_symlink() and not path.exists():
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            reason = (f"a symbolic link to {target}, which does not exist or is a loop of links; "
+                      "fix or remove the link")
+            return None, [Problem(source, "file", reason)]
         return None, [Problem(source, "file", f"cannot read: {exc}")]
 
     resolver = _Resolver(source)
@@ -465,14 +489,40 @@ def load_file(path: Path, settings: Settings) -> tuple[Sync | None, list[Problem
     )
 
 
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
 def _resolved_problems(source: str, spec: SyncSpec) -> list[Problem]:
-    """Checks that need the values after ${NAME} substitution: TLS files."""
+    """Checks that need the values after ${NAME} substitution: header values, credentials in the
+    URL, TLS files. Each would otherwise fail every poll instead of `syncd check`."""
+    problems = []
+    api = spec.api_details
+    for name, value in api.headers.items():
+        key = f"api_details.headers.{name}"
+        if not _HEADER_NAME.match(name):
+            problems.append(Problem(source, key, "not a valid header name (letters, digits and !#$%&'*+.^_`|~-)"))
+        elif "\r" in value or "\n" in value or "\0" in value:
+            problems.append(Problem(source, key, "the value contains a line break (CR or LF) or NUL, which would "
+                                                 "split the request; check the value it gets from ${NAME}"))
+    auth = api.auth
+    if auth is not None:
+        for field_name in ("token", "username", "password", "name", "value", "client_id", "client_secret"):
+            value = getattr(auth, field_name)
+            if value and ("\r" in value or "\n" in value or "\0" in value):
+                problems.append(Problem(source, f"api_details.auth.{field_name}", "contains a line break (CR or LF) or "
+                                        "NUL; check the value it gets from ${NAME} (a trailing newline in a file?)"))
+    url = URL(api.url)
+    if url.user is not None or url.password is not None:
+        sets_auth = auth is not None and (auth.type != "api_key" or auth.location == "header" and auth.name.lower() == "authorization")
+        if sets_auth or any(k.lower() == "authorization" for k in api.headers):
+            problems.append(Problem(source, "api_details.base_url", "has a user name or password and the sync also sets "
+                                    "Authorization (a header or [api_details.auth]); keep one of them"))
     try:
         ssl_context(spec.tls_verify, spec.ca_file, spec.client_cert, spec.client_key)
     except ValueError as exc:
         key = "ca_file" if str(exc).startswith("cannot use ca_file") else "client_cert"
-        return [Problem(source, key, str(exc))]
-    return []
+        problems.append(Problem(source, key, str(exc)))
+    return problems
 
 
 def load_warnings(sync: Sync) -> list[str]:
@@ -519,8 +569,10 @@ def declared_id(path: Path) -> str:
 
 
 def definition_files(config_dir: Path) -> list[Path]:
-    """The `*.toml` files of `config_dir`; hidden files (editor temporaries) are ignored."""
-    return sorted(p for p in config_dir.glob("*.toml") if not p.name.startswith(".") and p.is_file())
+    """The `*.toml` files of `config_dir`; hidden files (editor temporaries) are ignored. A
+    symbolic link that leads nowhere is listed too, so that it is reported instead of dropped."""
+    return sorted(p for p in config_dir.glob("*.toml")
+                  if not p.name.startswith(".") and (p.is_file() or (p.is_symlink() and not p.exists())))
 
 
 def load_dir(settings: Settings) -> tuple[dict[str, Sync], list[Problem]]:

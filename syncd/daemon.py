@@ -7,6 +7,7 @@ events that the main loop reacts to.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from syncd.metrics import Metrics
 from syncd.scheduler import Scheduler
 from syncd.settings import Settings
 from syncd.source.fetcher import Source
-from syncd.store import Store
+from syncd.status import sync_view
+from syncd.store import Store, lock_instance
 from syncd.systemd import Notifier
 
 log = structlog.get_logger("syncd.daemon")
@@ -29,6 +31,7 @@ log = structlog.get_logger("syncd.daemon")
 WATCH_INTERVAL = 0.5  # seconds between looks at config_dir
 SETTLE = 0.3  # a changed file must stay unchanged this long before it is read (editors, half-written files)
 STATS_INTERVAL = 2.0
+FRESH = 1.0  # an invalid file changed less than this long ago is looked at again before it is reported
 
 
 class Daemon:
@@ -41,8 +44,13 @@ class Daemon:
         self._targets: dict[str, Target] = {}  # every sync seen, removed ones included
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        self._recheck: asyncio.TimerHandle | None = None
+        self._invalid_files: set[Path] = set()  # files whose last load failed (their last good sync may run)
         self._ready = False
         self._store: Store | None = None
+        self._lock_fd: int | None = None
+        #: Why the state database cannot be trusted any more (deleted or replaced under us), if so.
+        self._state_lost: str | None = None
         self._source: Source | None = None
         self._scheduler: Scheduler | None = None
         self._pending_total = 0
@@ -61,7 +69,12 @@ class Daemon:
 
     async def run(self) -> None:
         settings = self.settings
-        self._store = store = await Store.open(settings.state_path)
+        self._lock_fd = lock_instance(settings.state_path)
+        try:
+            self._store = store = await Store.open(settings.state_path)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         poll_session_ = poll_session()
         source = Source(poll_session_, max_bytes=int(settings.max_response_bytes),
                         max_requests_per_host=settings.max_requests_per_host)
@@ -75,6 +88,7 @@ class Daemon:
             states = await store.all_states()
             last_runs = {s.sync_id: s.last_run_at for s in states if s.last_run_at}
             not_before = {s.sync_id: s.next_run_at for s in states if s.next_run_at}
+            self._seed_metrics(states)
             app = server.build_app(self.metrics, ready=self._readiness, syncs_status=self.syncs_status)
             host, port = settings.listen_address
             runner = await server.start(app, host, port)
@@ -130,6 +144,8 @@ class Daemon:
             log.info("syncd stopped", delivered=deliverer.delivered)
         finally:
             deliver_stop.set()
+            if self._recheck is not None:
+                self._recheck.cancel()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -140,6 +156,7 @@ class Daemon:
             await poll_session_.close()
             await hook_session.close()
             await store.close()
+            os.close(self._lock_fd)
             self.notifier.close()
 
     async def _warn_about_orphans(self) -> None:
@@ -157,7 +174,15 @@ class Daemon:
         """Load config_dir. Invalid files keep their last good version running."""
         settings = self.settings
         syncs, problems = load_dir(settings)
-        bad_files = {Path(p.source) for p in problems}
+        # A file changed a moment ago may still be being written (an editor saving slowly, a
+        # half-copied file): look again shortly instead of reporting it. Only a file that stays
+        # broken is an error worth a log line and an alert.
+        fresh = {p.source for p in problems if _modified_within(Path(p.source), FRESH)}
+        if fresh:
+            problems = [p for p in problems if p.source not in fresh]
+            self._recheck_later()
+        bad_files = {Path(p.source) for p in problems} | {Path(f) for f in fresh}
+        self._invalid_files = {Path(p.source) for p in problems}
         if any(p.key == "config_dir" for p in problems):
             syncs = dict(self.syncs)  # the directory vanished: keep everything as it was
         else:
@@ -189,14 +214,19 @@ class Daemon:
         for sync in syncs.values():
             self._targets[sync.id] = Target(sync.spec.webhook_url, self._secret(sync))
             self.metrics.add_sync(sync.id)
+            self.metrics.interval.labels(sync.id).set(sync.spec.interval)
         for sync_id in removed:
             self.metrics.remove_sync(sync_id)
         self.metrics.syncs.set(len(syncs))
-        if self._scheduler is not None:
+        if self._scheduler is not None and self._state_lost is None:
             self._scheduler.update(syncs)
         if not startup or syncs:
             log.info("configuration loaded", syncs=len(syncs), added=sorted(added), removed=sorted(removed),
                      changed=sorted(changed), problems=len(problems))
+
+    def _recheck_later(self) -> None:
+        if self._recheck is None or self._recheck.cancelled() or self._recheck.when() <= asyncio.get_running_loop().time():
+            self._recheck = asyncio.get_running_loop().call_later(FRESH, self.request_reload)
 
     def _secret(self, sync: Sync) -> str | None:
         if sync.spec.webhook_secret:
@@ -240,6 +270,21 @@ class Daemon:
 
     # -- observation ---------------------------------------------------------------------------
 
+    def _seed_metrics(self, states) -> None:
+        """Start each sync's gauges from its stored state: after a restart a healthy sync must not
+        look failed (syncd_sync_up 0, last success in 1970) until its next poll."""
+        m = self.metrics
+        for state in states:
+            sid = state.sync_id
+            if not m.known(sid) or state.last_run_at is None:
+                continue
+            m.sync_up.labels(sid).set(0 if state.last_outcome == "failed" else 1)
+            if state.last_success_at:
+                m.last_success.labels(sid).set(state.last_success_at)
+            if state.last_change_at:
+                m.last_change.labels(sid).set(state.last_change_at)
+            m.records.labels(sid).set(state.record_count)
+
     def _observe(self, result: RunResult) -> None:
         m, sid = self.metrics, result.sync_id
         if not m.known(sid):
@@ -267,6 +312,7 @@ class Daemon:
 
     async def _stats(self) -> None:
         while True:
+            self._check_state_file()
             try:
                 stats = await self._store.outbox_stats()
             except Exception:
@@ -298,7 +344,25 @@ class Daemon:
         return (f"{len(self.syncs)} syncs, {running} polling, {self._pending_total} webhooks pending, "
                 f"{self._dead_total} dead")
 
+    def _check_state_file(self) -> None:
+        """Notice the state database being deleted or replaced under the daemon: its writes would
+        go to a file nobody sees, and what happens meanwhile (deletes!) would be lost at restart."""
+        if self._state_lost is not None:
+            return
+        problem = self._store.identity_problem()
+        if problem is None:
+            return
+        self._state_lost = f"the state database {self.settings.state_path} was {problem} while syncd was running"
+        log.error("state database lost; polling stopped", state=str(self.settings.state_path), problem=problem,
+                  hint="restart syncd to open the file now at state_path (restore it from a backup first if it was "
+                       "deleted by mistake); until then nothing is polled and /readyz answers 503")
+        if self._scheduler is not None:
+            self._scheduler.update({})
+        self.notifier.status(self._state_lost)
+
     def _readiness(self) -> tuple[bool, str]:
+        if self._state_lost is not None:
+            return False, f"not ready: {self._state_lost}; restart syncd"
         if not self._ready:
             return False, "not ready: starting or stopping"
         return True, f"ready: {len(self.syncs)} syncs"
@@ -309,23 +373,16 @@ class Daemon:
         out = []
         for sync_id, sync in sorted(self.syncs.items()):
             state = await store.sync_state(sync_id)
-            s = stats.get(sync_id)
-            out.append({
-                "id": sync_id,
-                "file": str(sync.file),
-                "url": sync.display_url,
-                "interval_seconds": sync.spec.interval,
-                "last_run_at": state.last_run_at,
-                "last_outcome": state.last_outcome,
-                "last_error": state.last_error,
-                "last_warning": state.last_warning,
-                "last_success_at": state.last_success_at,
-                "last_change_at": state.last_change_at,
-                "records": state.record_count,
-                "pending_events": s.pending if s else 0,
-                "dead_events": s.dead if s else 0,
-            })
+            definition = "invalid" if sync.file in self._invalid_files else "ok"
+            out.append(sync_view(sync_id, sync=sync, state=state, stats=stats.get(sync_id), definition=definition))
         return out
+
+
+def _modified_within(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.lstat().st_mtime < seconds
+    except OSError:
+        return False
 
 
 def _snapshot(config_dir: Path) -> dict[str, tuple[int, int, int]]:

@@ -23,10 +23,22 @@ DEFAULT_RETRY_SCHEDULE = ["5s", "30s", "2m", "10m", "30m", "1h", "2h", "4h", "8h
 SECRET_SETTINGS = ("webhook_secret",)
 
 
+SYSTEM_STATE_DIR = Path("/var/lib/syncd")
+
+
 def _default_state_path() -> Path:
+    """$STATE_DIRECTORY/state.db (systemd), else /var/lib/syncd/state.db where that is writable
+    (root), else $XDG_STATE_HOME/syncd/state.db, else ~/.local/state/syncd/state.db (DESIGN §10)."""
     # systemd's StateDirectory= may list several directories separated by ':'; ours is the first.
     state_dir = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-    return Path(state_dir or "/var/lib/syncd") / "state.db"
+    if state_dir:
+        return Path(state_dir) / "state.db"
+    system = SYSTEM_STATE_DIR
+    if os.access(system if system.exists() else system.parent, os.W_OK):
+        return system / "state.db"
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "state"
+    return base / "syncd" / "state.db"
 
 
 def _split_list(value: Any) -> Any:
@@ -63,7 +75,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SYNCD_", extra="forbid", validate_default=True)
 
     config_dir: Path = Field(Path("/etc/syncd/conf.d"), description="Directory of sync definitions (*.toml, one sync per file).")
-    state_path: Path = Field(default_factory=_default_state_path, description="SQLite state database (fingerprints, outbox, run history). Default: $STATE_DIRECTORY/state.db, else /var/lib/syncd/state.db.")
+    state_path: Path = Field(default_factory=_default_state_path, description="SQLite state database (fingerprints, outbox, run history). Default: $STATE_DIRECTORY/state.db, else /var/lib/syncd/state.db when writable (root), else $XDG_STATE_HOME/syncd/state.db or ~/.local/state/syncd/state.db.")
     listen: str = Field("127.0.0.1:9731", description="HOST:PORT for /metrics, /healthz and /readyz.")
     log_format: Literal["auto", "json", "console"] = Field("auto", description="auto = console on a TTY, JSON lines otherwise.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")

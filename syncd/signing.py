@@ -14,9 +14,14 @@ def secret_key(secret: str) -> bytes:
     """The HMAC key of a secret: the decoded bytes of `whsec_<base64>`, else the secret's UTF-8 bytes."""
     if secret.startswith(PREFIX):
         try:
-            return base64.b64decode(secret[len(PREFIX):], validate=True)
+            key = base64.b64decode(secret[len(PREFIX):], validate=True)
         except (binascii.Error, ValueError):
             raise ValueError("a whsec_ secret must be followed by base64 (generate one with 'syncd secret')") from None
+        if not 24 <= len(key) <= 64:
+            # "whsec_" alone is an empty key: signatures anyone could forge.
+            raise ValueError(f"a whsec_ secret must decode to 24 to 64 bytes, this one has {len(key)} "
+                             "(generate one with 'syncd secret')")
+        return key
     return secret.encode()
 
 
@@ -24,9 +29,8 @@ def check_secret(secret: str) -> str | None:
     """A warning about a usable but unusual secret, or None. Raises ValueError if unusable."""
     key = secret_key(secret)
     if not secret.startswith(PREFIX):
-        return "not a whsec_ secret; it is used as its UTF-8 bytes (generate one with 'syncd secret')"
-    if not 24 <= len(key) <= 64:
-        return f"Standard Webhooks secrets are 24 to 64 bytes; this one is {len(key)}"
+        weak = f" and only {len(key)} bytes long" if len(key) < 24 else ""
+        return f"not a whsec_ secret{weak}; it is used as its UTF-8 bytes (generate one with 'syncd secret')"
     return None
 
 

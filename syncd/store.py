@@ -8,6 +8,8 @@ events or not at all (and then found again by the next run).
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -75,7 +77,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_attempt_at REAL NOT NULL DEFAULT 0,
     last_status     INTEGER,
     last_error      TEXT,
-    dead_at         REAL
+    dead_at         REAL,
+    superseded      INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS outbox_by_record ON outbox (sync_id, record_id, seq);
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at, seq) WHERE dead_at IS NULL;
@@ -90,8 +93,36 @@ _MIGRATIONS = {
         "ALTER TABLE syncs ADD COLUMN last_warning TEXT",
         "ALTER TABLE runs ADD COLUMN pages INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE runs ADD COLUMN warning TEXT",
+        "ALTER TABLE outbox ADD COLUMN superseded INTEGER NOT NULL DEFAULT 0",
     ],
 }
+
+
+class StateLocked(Exception):
+    """Another `syncd run` uses this SQLite database (SQLite is single-instance)."""
+
+
+def lock_instance(path: Path) -> int:
+    """Take the state database's instance lock (`<state>.lock`, flock), for `syncd run`. Returns the
+    open descriptor, to keep for the life of the process; raises StateLocked naming the holder."""
+    create_private(path)  # the directory, 0700, if it is new
+    lock = path.with_name(path.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StateLocked(f"{path} is used by another syncd run (pid {holder}, lock file {lock}); SQLite state is for "
+                          "one daemon at a time: stop the other one, or give this one its own --state-path") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+#: SQL condition on an outbox row: a later event of its record is queued, or one was delivered.
+_SUPERSEDED = ("superseded = 1 OR EXISTS (SELECT 1 FROM outbox later WHERE later.sync_id = outbox.sync_id "
+               "AND later.record_id = outbox.record_id AND later.seq > outbox.seq AND later.dead_at IS NULL)")
 
 
 class SchemaError(sqlite3.DatabaseError):
@@ -183,10 +214,14 @@ class Delivery:
     last_status: int | None
     last_error: str | None
     dead_at: float | None
+    #: A dead letter whose record has a later event delivered or queued: replay skips it.
+    superseded: bool = False
 
     @property
     def state(self) -> str:
-        return "dead" if self.dead_at is not None else "pending"
+        if self.dead_at is None:
+            return "pending"
+        return "superseded" if self.superseded else "dead"
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +253,35 @@ class StateConflict(Exception):
     """The sync's state changed under a run; the run must be repeated against the new state."""
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def create_private(path: Path) -> None:
+    """Create the database file 0600 (its directory 0700) before SQLite opens it: it holds record
+    data and webhook URLs with their tokens. SQLite gives its -wal and -shm files the same mode."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
+async def _rollback(conn: aiosqlite.Connection) -> None:
+    """Roll back, keeping the error that caused it: after SQLITE_FULL or an I/O error SQLite has
+    already rolled back, and "cannot rollback - no transaction is active" would hide the cause."""
+    try:
+        await conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
+
+
 async def _migrate(conn: aiosqlite.Connection, path: Path) -> None:
     """Create the schema, or bring an older one up to date, in one transaction (two processes
     opening an old database at once upgrade it once)."""
@@ -239,7 +303,7 @@ async def _migrate(conn: aiosqlite.Connection, path: Path) -> None:
             await conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         await conn.execute("COMMIT")
     except BaseException:
-        await conn.execute("ROLLBACK")
+        await _rollback(conn)
         raise
 
 
@@ -259,6 +323,7 @@ class Store:
         self._run_commit = asyncio.Lock()
         #: Set whenever this process adds deliverable events (a run's commit, a replay).
         self.outbox_changed = asyncio.Event()
+        self._identity: tuple[int, int] | None = None
 
     @classmethod
     async def open(cls, path: Path | str, *, readonly: bool = False, busy_timeout: float = 10.0) -> Store:
@@ -266,7 +331,7 @@ class Store:
         if readonly:
             conn = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            create_private(path)
             conn = await aiosqlite.connect(path, isolation_level=None)
         try:
             # Another syncd process (`syncd once`, `reset`, `deliveries replay`) may hold the write lock briefly.
@@ -286,7 +351,19 @@ class Store:
         except BaseException:
             await conn.close()
             raise
-        return cls(conn, path)
+        store = cls(conn, path)
+        store._identity = _identity(path)
+        return store
+
+    def identity_problem(self) -> str | None:
+        """How the file at `path` differs from the one this store has open: None (the same),
+        "deleted" or "replaced by another file". Writes to a deleted file are lost at exit."""
+        found = _identity(self.path)
+        if found is None:
+            return "deleted"
+        if self._identity is not None and found != self._identity:
+            return "replaced by another file"
+        return None
 
     async def close(self) -> None:
         await self._conn.close()
@@ -303,10 +380,10 @@ class Store:
             await self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
+                await self._conn.execute("COMMIT")
             except BaseException:
-                await self._conn.execute("ROLLBACK")
+                await _rollback(self._conn)
                 raise
-            await self._conn.execute("COMMIT")
 
     # -- syncs ---------------------------------------------------------------------------------
 
@@ -509,6 +586,13 @@ class Store:
         dead: (attempts, dead_at, status, error, seq)."""
         async with self._transaction() as conn:
             if delivered:
+                any_dead = await conn.execute_fetchall("SELECT 1 FROM outbox WHERE dead_at IS NOT NULL LIMIT 1")
+                if any_dead:
+                    # A delivered event supersedes the dead letters before it of the same record:
+                    # replaying one later would send stale data after newer (rare: only with dead letters).
+                    await conn.executemany(
+                        "UPDATE outbox SET superseded = 1 WHERE dead_at IS NOT NULL AND seq < ?1 AND (sync_id, record_id) = "
+                        "(SELECT sync_id, record_id FROM outbox WHERE seq = ?1)", [(seq,) for seq in delivered])
                 await conn.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in delivered])
             if retries:
                 await conn.executemany(
@@ -532,25 +616,31 @@ class Store:
         where, args = self._where(sync_id=sync_id, dead=True if dead_only else None)
         query = (
             "SELECT seq, event_id, sync_id, record_id, event_type, webhook_url, created_at, attempts, next_attempt_at, "
-            f"last_status, last_error, dead_at FROM outbox {where} ORDER BY seq"
+            f"last_status, last_error, dead_at, dead_at IS NOT NULL AND ({_SUPERSEDED}) FROM outbox {where} ORDER BY seq"
         )
         if limit:
             query += f" LIMIT {int(limit)}"
         rows = await self._conn.execute_fetchall(query, args)
-        return [Delivery(*row) for row in rows]
+        return [Delivery(*row[:-1], superseded=bool(row[-1])) for row in rows]
 
-    async def replay(self, *, sync_id: str | None = None, since: float | None = None, event_id: str | None = None, now: float) -> int:
-        """Put dead letters back in the queue with fresh attempts. Returns how many."""
+    async def replay(self, *, sync_id: str | None = None, since: float | None = None, event_id: str | None = None,
+                     now: float) -> tuple[int, int]:
+        """Put dead letters back in the queue with fresh attempts, in their original order. A dead
+        letter superseded by a later event of its record (delivered, or still queued) is skipped:
+        sent now, it would arrive after that later event and undo it at the receiver (a deleted
+        record brought back). Returns (replayed, skipped as superseded)."""
         where, args = self._where(sync_id=sync_id, dead=True, since=since, event_id=event_id)
         async with self._transaction() as conn:
+            cursor = await conn.execute(f"UPDATE outbox SET superseded = 1 {where} AND ({_SUPERSEDED})", args)
+            skipped = cursor.rowcount
             cursor = await conn.execute(
                 f"UPDATE outbox SET dead_at = NULL, attempts = 0, next_attempt_at = ?, last_status = NULL, "
-                f"last_error = NULL {where}", (now, *args)
+                f"last_error = NULL {where} AND superseded = 0", (now, *args)
             )
             count = cursor.rowcount
         if count:
             self.outbox_changed.set()
-        return count
+        return count, skipped
 
     async def purge_dead(self, *, before: float, sync_id: str | None = None) -> int:
         """Delete dead letters that died before `before`. Returns how many."""

@@ -6,8 +6,9 @@ import copy
 import sqlite3
 
 import orjson
-from conftest import run_cli, write_sync
 from test_engine import SEED
+
+from conftest import run_cli, write_sync
 
 
 def events(out: str):

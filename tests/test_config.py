@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, run_cli
 
 from syncd.config import load_dir
 from syncd.errors import ConfigError
 from syncd.settings import load_settings
+
+from conftest import cli_env, run_cli
 
 GOOD = """\
 idempotency_id = "employees"

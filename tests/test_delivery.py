@@ -12,7 +12,6 @@ import time
 import aiohttp
 import orjson
 import pytest
-from conftest import run_cli, wait_for
 
 from syncd.config import load_dir
 from syncd.delivery import Deliverer, Target, next_delay
@@ -21,6 +20,8 @@ from syncd.http import parse_retry_after, poll_session
 from syncd.settings import load_settings
 from syncd.source.fetcher import Source
 from syncd.store import Store
+
+from conftest import run_cli, wait_for
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 
@@ -171,7 +172,7 @@ async def test_dead_letters_after_the_schedule_and_replay(upstream, receiver, co
         assert len(receiver.received) == 6  # dead letters are not retried on their own
 
         down = False
-        assert await rig.store.replay(now=time.time()) == 2
+        assert await rig.store.replay(now=time.time()) == (2, 0)
         await wait_for(lambda: len(receiver.delivered()) == 2)
         await wait_for(lambda: rig.deliverer.delivered == 2)
         assert await rig.outbox() == []

@@ -7,7 +7,6 @@ import copy
 
 import orjson
 import pytest
-from conftest import write_sync
 
 from syncd.config import load_dir
 from syncd.engine import poll
@@ -15,6 +14,8 @@ from syncd.http import poll_session
 from syncd.settings import load_settings
 from syncd.source.fetcher import Source
 from syncd.store import Store
+
+from conftest import write_sync
 
 SEED = {"response": {"payload": {"employees": [
     {"employee": {"id": 1, "name": "John"}},
@@ -340,6 +341,7 @@ async def test_secrets_in_the_url_path_never_reach_errors(upstream, conf_dir, st
 
 async def test_redirects_are_followed_only_on_the_same_origin(conf_dir, state_path, monkeypatch):
     from aiohttp import web
+
     from conftest import serve
 
     monkeypatch.setenv("KEY", "apikey-secret-123")

@@ -16,7 +16,6 @@ import time
 import orjson
 import pytest
 from aiohttp import web
-from conftest import cli_env, run_cli, serve
 
 from syncd.config import load_dir
 from syncd.engine import poll
@@ -24,6 +23,8 @@ from syncd.http import poll_session
 from syncd.settings import load_settings
 from syncd.source.fetcher import Source
 from syncd.store import Store
+
+from conftest import cli_env, run_cli, serve
 
 PER_PAGE = 4
 

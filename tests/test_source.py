@@ -18,7 +18,6 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from conftest import cli_env, run_cli, serve, wait_for
 
 from syncd.config import load_dir
 from syncd.engine import poll
@@ -27,6 +26,8 @@ from syncd.scheduler import Scheduler
 from syncd.settings import load_settings
 from syncd.source.fetcher import Source
 from syncd.store import Store
+
+from conftest import cli_env, run_cli, serve, wait_for
 
 FAST_RETRY = 'backoff = "50ms"\nmax_backoff = "200ms"'
 LIST = {"items": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
