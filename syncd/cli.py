@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Exit 0 if the poll succeeded, 1 if it failed.")
     p.add_argument("sync_id", metavar="ID", help="the sync's idempotency_id (default: its file name without .toml)")
     p.add_argument("--dry-run", action="store_true", help="print the events but write nothing to the state database")
+    p.add_argument("--accept-deletes", action="store_true",
+                   help="commit this run even if it deletes more than the sync's max_delete_fraction (once)")
     p.set_defaults(func=cmd_once)
 
     p = sub.add_parser("run", parents=[common], help="run the daemon (polls, webhooks, /metrics)",
@@ -223,10 +225,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_once(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     _configure_logs(settings)
-    return asyncio.run(_once(settings, args.sync_id, args.dry_run))
+    return asyncio.run(_once(settings, args.sync_id, args.dry_run, args.accept_deletes))
 
 
-async def _once(settings: Settings, sync_id: str, dry_run: bool) -> int:
+async def _once(settings: Settings, sync_id: str, dry_run: bool, accept_deletes: bool = False) -> int:
     from syncd.config import declared_id, load_dir, load_warnings
     from syncd.engine import poll
     from syncd.http import poll_session
@@ -257,7 +259,7 @@ async def _once(settings: Settings, sync_id: str, dry_run: bool) -> int:
         async with poll_session() as session:
             source = Source(session, max_bytes=int(settings.max_response_bytes),
                             max_requests_per_host=settings.max_requests_per_host)
-            result = await poll(sync, store, source, dry_run=dry_run)
+            result = await poll(sync, store, source, dry_run=dry_run, accept_deletes=accept_deletes)
     finally:
         if store is not None:
             await store.close()
@@ -293,6 +295,8 @@ def _dry_run_summary(result) -> str:
     detail = ", ".join(f"{n} {kind}" for kind, n in counts.items())
     lines.append(f"  would queue:    {len(result.events)} event{'s' * (len(result.events) != 1)} ({detail})"
                  + (f" as {result.sync_type}" if result.sync_type else ""))
+    if result.pending_deletes:
+        lines.append(f"  pending:        {result.pending_deletes} missing record(s) waiting for confirm_deletes_after")
     lines.append(f"  outcome:        {result.outcome}")
     return "\n".join(lines)
 
@@ -404,6 +408,16 @@ def _with_store(settings: Settings, fn):
     return asyncio.run(go())
 
 
+def _deletes(view: dict) -> str:
+    """Deletions not sent: held by max_delete_fraction, and waiting for confirm_deletes_after."""
+    parts = []
+    if view["deletes_held"]:
+        parts.append(f"{view['deletes_held']} held")
+    if view["pending_deletions"]:
+        parts.append(f"{view['pending_deletions']} pending")
+    return ", ".join(parts) or "-"
+
+
 def _fmt_iso(text: str | None) -> str:
     """An ISO time from a status view, as the tables show times."""
     return "-" if text is None else text[:19].replace("T", " ") + "Z"
@@ -454,8 +468,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EX_OK
     label = {"ok": "", "invalid": " (invalid file)", "removed": " (removed)"}
     rows = [[o["id"] + label[o["definition"]], _fmt_iso(o["last_run_at"]), o["last_outcome"] or "never run",
-             str(o["records"]), str(o["pending_events"]), str(o["dead_events"]), (o["last_error"] or "")[:80]] for o in out]
-    print(_table(rows, ["SYNC", "LAST RUN", "OUTCOME", "RECORDS", "PENDING", "DEAD", "LAST ERROR"]))
+             str(o["records"]), str(o["pending_events"]), str(o["dead_events"]), _deletes(o), (o["last_error"] or "")[:80]]
+            for o in out]
+    print(_table(rows, ["SYNC", "LAST RUN", "OUTCOME", "RECORDS", "PENDING", "DEAD", "DELETES", "LAST ERROR"]))
     for o in out:
         if o["last_warning"]:
             print(f"warning: {o['id']}: {o['last_warning']}")

@@ -21,6 +21,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from yarl import URL
 
 from syncd.errors import Problem
+from syncd.events import ALL_EVENTS, DEFAULT_EVENTS
 from syncd.jsonpath import JsonPath, compile_path
 from syncd.settings import Settings, problems_from_validation, toml_problem
 from syncd.signing import secret_key
@@ -260,8 +261,23 @@ class SyncSpec(_Model):
     ca_file: str | None = Field(None, validation_alias=_alias("ca_file", "caFile"), description="PEM file of CA certificates to trust for the API instead of the system's.")
     client_cert: str | None = Field(None, validation_alias=_alias("client_cert", "clientCert"), description="PEM client certificate for mutual TLS.")
     client_key: str | None = Field(None, repr=False, validation_alias=_alias("client_key", "clientKey"), description="PEM private key of client_cert (if not inside it).")
+    events: list[str] = Field(default_factory=lambda: list(DEFAULT_EVENTS), description="Event types this sync sends: record.new, record.modified, record.deleted, and the opt-in lifecycle events sync.events.processed and sync.events.allConsumed.")
+    initial_sync: Literal["emit", "skip"] = Field("emit", validation_alias=_alias("initial_sync", "initialSync"), description="emit: the first run sends every record as record.new; skip: it only takes the baseline.")
+    confirm_deletes_after: int = Field(1, ge=1, le=1000, validation_alias=_alias("confirm_deletes_after", "confirmDeletesAfter"), description="Consecutive successful runs a record must be missing before record.deleted is sent.")
+    max_delete_fraction: float | None = Field(None, gt=0, le=1, validation_alias=_alias("max_delete_fraction", "maxDeleteFraction"), description="Fail a run that would delete more than this share of the stored records (syncs with fewer than 10 are exempt); `syncd once ID --accept-deletes` commits it once.")
+    keep_records: bool = Field(False, validation_alias=_alias("keep_records", "keepRecords"), description="Store each record's last body: record.modified then carries changedFields, record.deleted the last body.")
     conditional_requests: bool = Field(True, validation_alias=_alias("conditional_requests", "conditionalRequests"), description="One-request syncs: send the last ETag/Last-Modified back; 304 Not Modified is an unchanged run.")
     api_details: ApiDetails = Field(validation_alias=_alias("api_details", "apiDetails"), description="The request to send.")
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, value: list[str]) -> list[str]:
+        unknown = [v for v in value if v not in ALL_EVENTS]
+        if unknown:
+            raise ValueError(f"unknown event type {unknown[0]!r}; choose from {', '.join(ALL_EVENTS)}")
+        if len(set(value)) != len(value):
+            raise ValueError("an event type is listed twice")
+        return value
 
     @field_validator("interval")
     @classmethod

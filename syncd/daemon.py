@@ -294,6 +294,8 @@ class Daemon:
         if not result.ok:
             m.poll_failures.labels(sid).inc()
             m.sync_up.labels(sid).set(0)
+            if result.deletes_held:
+                m.deletes_held.labels(sid).inc(result.deletes_held)
             return
         now = time.time()
         m.sync_up.labels(sid).set(1)

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 import aiohttp
 import structlog
 
+from syncd.events import LIFECYCLE_KEY, EventType, lifecycle
 from syncd.http import USER_AGENT, describe_error, error_snippet, parse_retry_after
 from syncd.metrics import Metrics
 from syncd.signing import sign_headers
-from syncd.store import PendingEvent, Store
+from syncd.store import OutboxEvent, PendingEvent, Store
 
 log = structlog.get_logger("syncd.delivery")
 
@@ -92,6 +93,8 @@ class Deliverer:
         self._wake = store.outbox_changed
         self._work = asyncio.Condition()
         self._stopping = False
+        self._settled = asyncio.Event()  # outcomes were written: a run may be fully consumed
+        self._settled.set()  # look once at start (a crash may have left a run unannounced)
         self._in_flight = 0
         self._cancelled = 0  # attempts cut off at shutdown
         self.delivered = 0
@@ -101,6 +104,7 @@ class Deliverer:
         writer = asyncio.create_task(self._writer(), name="delivery-writer")
         workers = [asyncio.create_task(self._worker(), name=f"delivery-{i}") for i in range(self.concurrency)]
         stopper = asyncio.create_task(self._on_stop(stop), name="delivery-stop")
+        announcer = asyncio.create_task(self._announcer(), name="delivery-announcer")
         try:
             await self._feed(stop)
         finally:
@@ -122,9 +126,9 @@ class Deliverer:
                 await asyncio.wait_for(self._results.join(), max(self.drain_timeout, 1.0))
             except TimeoutError:
                 log.error("could not record the last delivery outcomes before stopping; those events will be sent again")
-            for task in (writer, stopper):
+            for task in (writer, stopper, announcer):
                 task.cancel()
-            await asyncio.gather(writer, stopper, return_exceptions=True)
+            await asyncio.gather(writer, stopper, announcer, return_exceptions=True)
 
     async def _on_stop(self, stop: asyncio.Event) -> None:
         await stop.wait()
@@ -299,12 +303,40 @@ class Deliverer:
                 backoff = min(backoff * 2, 30.0)
                 continue
             self._store_failing, backoff = False, 0.5
+            self._settled.set()
             self._account(batch, notes)
             self._release([o.event for o in batch])
             for _ in batch:
                 self._results.task_done()
             batch = []
             self._wake.set()  # released records may have their next event due
+
+    async def _announcer(self) -> None:
+        """sync.events.allConsumed: once every event of a tallied run is delivered or dead, queue
+        the run's announcement. Looked for after outcomes are written, and now and then (a crash
+        between the last outcome and the announcement, runs committed by other processes)."""
+        while True:
+            try:
+                await asyncio.wait_for(self._settled.wait(), IDLE_RECHECK)
+            except TimeoutError:
+                pass
+            self._settled.clear()
+            try:
+                runs = await self.store.consumed_runs()
+                if runs:
+                    now = time.time()
+                    events = []
+                    for run in runs:
+                        data = {"syncRunId": run.run_id, "eventsDelivered": run.delivered, "deadLetters": run.dead}
+                        event_id, body = lifecycle(EventType.ALL_CONSUMED, data, sync_type=run.sync_type,
+                                                   sync_id=run.sync_id, run_id=run.run_id, now=now)
+                        events.append(OutboxEvent(event_id, run.sync_id, LIFECYCLE_KEY, EventType.ALL_CONSUMED,
+                                                  run.webhook_url, now, body))
+                    await self.store.announce_consumed(events, [r.run_id for r in runs], now)
+                    log.info("runs fully consumed", runs=len(runs))
+            except Exception:  # the database may refuse for a while: look again later
+                log.exception("could not check for fully consumed runs; retrying")
+                await asyncio.sleep(IDLE_RECHECK)
 
     def _plan(self, batch: list[Outcome]) -> tuple[list, list, list, list]:
         now = time.time()

@@ -7,6 +7,7 @@ order inside a record does.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -232,26 +233,68 @@ class Change:
     record: Any  # None for record.deleted
 
 
-def changes(old: dict[str, bytes], new: Snapshot, *, initial: bool, allow_deletes: bool) -> list[Change]:
-    """The events that turn `old` into `new`. Initial runs report every record as new."""
+@dataclass
+class Plan:
+    """What a run changes: the events it detects and the store writes that go with them."""
+
+    changes: list[Change]
+    #: Fingerprints to write (new, modified, and records back before their deletion was confirmed).
+    upserts: dict[str, bytes]
+    #: Records gone for good (their record.deleted is in `changes`).
+    deletes: list[str]
+    #: Records missing for fewer runs than confirm_deletes_after: id -> consecutive runs missing.
+    missing: dict[str, int]
+
+
+def plan(old: dict[str, bytes], new: Snapshot, *, initial: bool, allow_deletes: bool,
+         pending: dict[str, int] | None = None, confirm_after: int = 1) -> Plan:
+    """The events that turn `old` into `new`, and the writes that record them.
+
+    `pending`: records already missing from earlier runs (id -> runs missing). A record is deleted
+    once it has been missing from `confirm_after` consecutive successful runs; one that comes back
+    before is no deletion at all (a record.modified if it changed meanwhile). Initial runs report
+    every record as new."""
     records = new.records
+    fingerprints = new.fingerprints
     if initial:
-        return [Change(NEW, rid, records[rid]) for rid in new.fingerprints]
+        return Plan([Change(NEW, rid, records[rid]) for rid in fingerprints], dict(fingerprints), [], {})
+    pending = pending or {}
     out: list[Change] = []
+    upserts: dict[str, bytes] = {}
     get = old.get
     added = 0
-    for rid, fp in new.fingerprints.items():
+    for rid, fp in fingerprints.items():
         before = get(rid)
         if before is None:
             out.append(Change(NEW, rid, records[rid]))
+            upserts[rid] = fp
             added += 1
         elif before != fp:
             out.append(Change(MODIFIED, rid, records[rid]))
+            upserts[rid] = fp
+    for rid in pending:
+        if rid in fingerprints and rid not in upserts:
+            upserts[rid] = fingerprints[rid]  # back before its deletion was confirmed: not missing any more
+    deletes: list[str] = []
+    missing: dict[str, int] = {}
     # Every old id is still there when the ids seen minus the new ones account for all of them.
-    if allow_deletes and len(new.fingerprints) - added < len(old):
-        current = new.fingerprints
-        out.extend(Change(DELETED, rid, None) for rid in old if rid not in current)
-    return out
+    if allow_deletes and len(fingerprints) - added < len(old):
+        for rid in old:
+            if rid in fingerprints:
+                continue
+            runs = pending.get(rid, 0) + 1
+            if runs >= confirm_after:
+                out.append(Change(DELETED, rid, None))
+                deletes.append(rid)
+            else:
+                missing[rid] = runs
+    # When deletes are held (unreadable ids, a partial list) missing records stay pending as they were.
+    return Plan(out, upserts, deletes, missing)
+
+
+def changes(old: dict[str, bytes], new: Snapshot, *, initial: bool, allow_deletes: bool) -> list[Change]:
+    """The events that turn `old` into `new` (every missing record deleted at once)."""
+    return plan(old, new, initial=initial, allow_deletes=allow_deletes).changes
 
 
 def apply(old: dict[str, bytes], new: Snapshot, events: list[Change]) -> tuple[dict[str, bytes], list[str]]:
@@ -259,6 +302,68 @@ def apply(old: dict[str, bytes], new: Snapshot, events: list[Change]) -> tuple[d
     upserts = {c.record_id: new.fingerprints[c.record_id] for c in events if c.type != DELETED}
     deletes = [c.record_id for c in events if c.type == DELETED]
     return upserts, deletes
+
+
+# -- changedFields -------------------------------------------------------------------------------
+
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def changed_fields(before: Any, after: Any) -> list[str]:
+    """Sorted JSONPaths (`$.a.b`, `$.tags[2]`) of the leaves added, removed or changed between two
+    versions of a record. A leaf is a scalar, or an empty object or array."""
+    found: list[str] = []
+    _walk(before, after, "$", found)
+    return sorted(found)
+
+
+def _child(path: str, key: str | int) -> str:
+    if type(key) is int:
+        return f"{path}[{key}]"
+    if _PLAIN_KEY.match(key):
+        return f"{path}.{key}"
+    quoted = key.replace("\\", "\\\\").replace("'", "\\'")
+    return f"{path}['{quoted}']"
+
+
+def _leaves(value: Any, path: str, found: list[str]) -> None:
+    if type(value) is dict and value:
+        for key, item in value.items():
+            _leaves(item, _child(path, key), found)
+    elif type(value) is list and value:
+        for index, item in enumerate(value):
+            _leaves(item, _child(path, index), found)
+    else:
+        found.append(path)
+
+
+def _walk(before: Any, after: Any, path: str, found: list[str]) -> None:
+    if type(before) is dict and type(after) is dict and (before or after):
+        for key in before.keys() | after.keys():
+            child = _child(path, key)
+            if key not in after:
+                _leaves(before[key], child, found)
+            elif key not in before:
+                _leaves(after[key], child, found)
+            else:
+                _walk(before[key], after[key], child, found)
+    elif type(before) is list and type(after) is list and (before or after):
+        for index in range(max(len(before), len(after))):
+            child = _child(path, index)
+            if index >= len(after):
+                _leaves(before[index], child, found)
+            elif index >= len(before):
+                _leaves(after[index], child, found)
+            else:
+                _walk(before[index], after[index], child, found)
+    elif type(before) is not type(after) or before != after:
+        if type(before) in (dict, list) or type(after) in (dict, list):
+            both: list[str] = []
+            _leaves(before, path, both)
+            _leaves(after, path, both)
+            found.extend(dict.fromkeys(both))
+        else:
+            found.append(path)
 
 
 def _json_type(value: Any) -> str:

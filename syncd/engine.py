@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
-import os
 import sqlite3
 import threading
 import time
@@ -23,26 +22,21 @@ from xxhash import xxh3_128, xxh3_128_digest
 from syncd import diff
 from syncd.config import Sync, scrub
 from syncd.errors import CommitError, FetchError, RunError
+from syncd.events import DELTA, INITIAL, LIFECYCLE_KEY, EventType, envelope, lifecycle, new_id
+from syncd.jsonpath import without
 from syncd.records import dumps as exact_dumps
 from syncd.records import parse_document, parse_json
 from syncd.source.fetcher import Fetch, Page, Source
 from syncd.source.paginate import next_page_hint
-from syncd.store import Commit, OutboxEvent, RunRecord, StateConflict, Store
+from syncd.store import Commit, OutboxEvent, RunRecord, StateConflict, Store, body_dictionary, compress_body
 from syncd.units import iso_time
 
 log = structlog.get_logger("syncd.engine")
 
-INITIAL = "initial_sync"
-DELTA = "delta_sync"
 #: Bodies larger than this are parsed, diffed and turned into envelopes in a worker thread. orjson
 #: holds the GIL while it parses, so the loop still stalls for the parse itself (~180 ms for 100k
 #: records), but no longer for the diff and the envelopes.
 THREAD_THRESHOLD = 512 * 1024
-
-
-def new_id(prefix: str) -> str:
-    """`prefix_` + 32 hex digits: 48 bits of milliseconds (sortable by time) then 80 random bits."""
-    return f"{prefix}_{int(time.time() * 1000):012x}{os.urandom(10).hex()}"
 
 
 @dataclass
@@ -69,6 +63,10 @@ class RunResult:
     invalid_examples: list[str] = field(default_factory=list)
     #: The API asked not to be polled before this unix time (a Retry-After longer than the interval).
     not_before: float | None = None
+    #: Deletions this run held back (max_delete_fraction): it failed instead.
+    deletes_held: int = 0
+    #: Records missing but not deleted yet (confirm_deletes_after), after this run.
+    pending_deletes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -87,6 +85,9 @@ class _Analysis:
     upserts: dict[str, bytes]
     deletes: list[str]
     counts: dict[str, int]
+    missing: dict[str, int]
+    bodies: dict[str, bytes] | None
+    body_dict: bytes | None
 
 
 _background: set[asyncio.Task] = set()
@@ -117,62 +118,95 @@ def _gc_paused():
                 gc.enable()
 
 
-def _analyse(sync: Sync, body: bytes, old: dict[str, bytes], initial: bool, rebaseline: bool, run_id: str,
-             hold_deletes: bool = False) -> tuple[_Analysis, Any]:
-    """Parse, extract and diff a one-page response (in a worker thread when it is large)."""
+def _extract(sync: Sync, body: bytes) -> tuple[diff.Snapshot, str | None]:
+    """Parse and extract a one-page response (in a worker thread when it is large)."""
     with _gc_paused():
         document, exact = parse_document(body)
         builder = diff.SnapshotBuilder(sync.id, sync.list_path, sync.id_path, sync.ignore_paths)
         builder.add(document, exact=exact)
-        snap = builder.finish()
         hint = next_page_hint(None, document) if sync.list_path is not None else None
-        del document  # freed before the collector runs again: the records live on only in `changes`
-        return _changes(sync, snap, old, initial, rebaseline, run_id, hold_deletes or hint is not None), hint
+        del document  # freed before the collector runs again: the records live on in the snapshot
+        return builder.finish(), hint
 
 
-def _changes(sync: Sync, snap: diff.Snapshot, old: dict[str, bytes], initial: bool, rebaseline: bool, run_id: str,
-             hold_deletes: bool) -> _Analysis:
+def _plan(snap: diff.Snapshot, old: dict[str, bytes], pending: dict[str, int], initial: bool, hold: bool,
+          confirm_after: int) -> diff.Plan:
     with _gc_paused():
-        counts = {diff.NEW: 0, diff.MODIFIED: 0, diff.DELETED: 0}
-        if rebaseline:
-            snap.records = {}
-            return _Analysis(snap.fingerprints, snap.invalid_ids, snap.duplicate_ids, snap.invalid_examples,
-                             [], snap.fingerprints, [], counts)
         # Records we could not read may be among the "missing" ones: never delete on such a run.
-        allow_deletes = snap.invalid_ids == 0 and not hold_deletes
-        changes = diff.changes(old, snap, initial=initial, allow_deletes=allow_deletes)
-        snap.records = {}
-        sync_type = INITIAL if initial else DELTA
+        allow_deletes = snap.invalid_ids == 0 and not hold
+        return diff.plan(old, snap, initial=initial, allow_deletes=allow_deletes, pending=pending,
+                         confirm_after=confirm_after)
+
+
+def _build(sync: Sync, snap: diff.Snapshot, plan: diff.Plan, run_id: str, sync_type: str, send_records: bool,
+           old_bodies: dict[str, bytes], keep: bool, body_dict: bytes | None) -> _Analysis:
+    """The run's outbox events (the types the sync sends), counts and, with keep_records, the
+    compressed bodies to store: everything the commit needs, built off the event loop."""
+    with _gc_paused():
+        spec = sync.spec
+        wanted = set(spec.events) if send_records else set()
+        tally = EventType.ALL_CONSUMED in spec.events
+        run_key = run_id if tally else None
+        counts = {EventType.NEW: 0, EventType.MODIFIED: 0, EventType.DELETED: 0}
         now = time.time()
         timestamp = iso_time(now)
-        webhook_url = sync.spec.webhook_url
-        dumps = exact_dumps if snap.exact else orjson.dumps
+        webhook_url = spec.webhook_url
+        ignore = list(sync.ignore_paths)
         events: list[OutboxEvent] = []
-        for change in changes:
-            event_id = new_id("evt")
-            envelope = dumps({
-                "eventId": event_id,
-                "eventType": change.type,
-                "eventData": change.record,
-                "syncType": sync_type,
-                "syncJobId": sync.id,
-                "syncRunId": run_id,
-                "recordId": change.record_id,
-                "timestamp": timestamp,
-            })
-            # orjson hands back each result in a ~4 KiB allocation: an exact-size copy keeps a
-            # 100k-event initial run at ~50 MB of bodies instead of ~400 MB until the commit.
-            envelope = bytes(memoryview(envelope))
-            events.append(OutboxEvent(event_id, sync.id, change.record_id, change.type, webhook_url, now, envelope))
+        for change in plan.changes:
             counts[change.type] += 1
-        upserts, deletes = diff.apply(old, snap, changes)
-        del changes
+            if change.type not in wanted:
+                continue
+            data, fields = change.record, None
+            if keep and change.type != EventType.NEW:
+                before = old_bodies.get(change.record_id)
+                if change.type == EventType.DELETED:
+                    data = orjson.Fragment(before) if before is not None else None
+                elif before is not None:
+                    # changedFields never names an ignored path: both sides are compared without them.
+                    old_record = orjson.loads(before)
+                    new_record = change.record
+                    if ignore:
+                        old_record, new_record = without(old_record, ignore), without(new_record, ignore)
+                    fields = diff.changed_fields(old_record, new_record)
+            event_id = new_id("evt")
+            body = envelope(event_id, change.type, data, sync_type=sync_type, sync_id=sync.id, run_id=run_id,
+                            record_id=change.record_id, timestamp=timestamp, exact=snap.exact, changed_fields=fields)
+            events.append(OutboxEvent(event_id, sync.id, change.record_id, change.type, webhook_url, now, body, run_key))
+        bodies, new_dict = None, None
+        if keep:
+            dumps = exact_dumps if snap.exact else orjson.dumps
+            records = snap.records
+            if body_dict is None:
+                ids = list(records)
+                step = max(1, len(ids) // 64)
+                body_dict = new_dict = body_dictionary(
+                    [dumps(records[rid], option=orjson.OPT_SORT_KEYS) for rid in ids[::step][:64]])
+            bodies = {rid: compress_body(dumps(records[rid], option=orjson.OPT_SORT_KEYS), body_dict)
+                      for rid in plan.upserts}
+        snap.records = {}
         return _Analysis(snap.fingerprints, snap.invalid_ids, snap.duplicate_ids, snap.invalid_examples,
-                         events, upserts, deletes, counts)
+                         events, plan.upserts, plan.deletes, counts, plan.missing, bodies, new_dict)
 
 
-async def poll(sync: Sync, store: Store | None, source: Source, *, dry_run: bool = False) -> RunResult:
-    """Run one poll of `sync` and commit its outcome (unless `dry_run`). Never raises for a failed run."""
+#: Syncs with fewer stored records are exempt from max_delete_fraction (DESIGN §7).
+GUARD_MIN_RECORDS = 10
+
+
+class DeletesHeld(RunError):
+    """The run would delete more than max_delete_fraction of the stored records."""
+
+    stage = "guard"
+
+    def __init__(self, reason: str, held: int) -> None:
+        super().__init__(reason)
+        self.held = held
+
+
+async def poll(sync: Sync, store: Store | None, source: Source, *, dry_run: bool = False,
+               accept_deletes: bool = False) -> RunResult:
+    """Run one poll of `sync` and commit its outcome (unless `dry_run`). Never raises for a failed
+    run. `accept_deletes`: commit even a run that max_delete_fraction would hold."""
     run_id = new_id("run")
     started = time.time()
     t0 = time.perf_counter()
@@ -180,17 +214,19 @@ async def poll(sync: Sync, store: Store | None, source: Source, *, dry_run: bool
     with structlog.contextvars.bound_contextvars(sync=sync.id, run=run_id):
         try:
             try:
-                await _poll(sync, store, source, dry_run, result, started)
+                await _poll(sync, store, source, dry_run, result, started, accept_deletes)
             except CommitError as exc:
                 # The state moved under this run (another process committed or reset it): nothing
                 # is wrong with the API, so run once more against the new state right away.
                 log.info("state changed during the poll; polling again", reason=exc.reason)
                 result = RunResult(sync.id, run_id, "failed")
-                await _poll(sync, store, source, dry_run, result, started)
+                await _poll(sync, store, source, dry_run, result, started, accept_deletes)
         except RunError as exc:
             result.outcome, result.error, result.events = "failed", f"{exc.stage}: {exc.reason}", []
             if isinstance(exc, FetchError):
                 result.not_before = exc.not_before
+            if isinstance(exc, DeletesHeld):
+                result.deletes_held = exc.held
             log.warning("poll failed", stage=exc.stage, error=exc.reason)
         except sqlite3.Error as exc:
             result.outcome, result.error, result.events = "failed", f"state database: {exc}", []
@@ -202,7 +238,8 @@ async def poll(sync: Sync, store: Store | None, source: Source, *, dry_run: bool
         result.duration = time.perf_counter() - t0
         if result.outcome == "failed" and store is not None and not dry_run:
             try:
-                await store.record_run(_run_record(result, started), not_before=result.not_before)
+                await store.record_run(_run_record(result, started), not_before=result.not_before,
+                                       deletes_held=result.deletes_held)
             except sqlite3.Error as exc:
                 log.error("could not record the failed poll in the state database", error=str(exc))
     return result
@@ -223,15 +260,36 @@ class _Run:
     same_shape: bool
 
 
-async def _poll(sync: Sync, store: Store | None, source: Source, dry_run: bool, result: RunResult, started: float) -> None:
+@dataclass
+class _Run:
+    """What one poll knows before it commits."""
+
+    sync: Sync
+    store: Store | None
+    state: Any
+    result: RunResult
+    started: float
+    dry_run: bool
+    initial: bool
+    rebaseline: bool
+    #: The byte-identical and 304 short cuts apply: same shape, and no deletion is waiting to be
+    #: confirmed (a response identical to the last one must still count a missing record again).
+    short_cuts: bool
+    accept_deletes: bool
+
+
+async def _poll(sync: Sync, store: Store | None, source: Source, dry_run: bool, result: RunResult, started: float,
+                accept_deletes: bool) -> None:
     state = await store.sync_state(sync.id) if store is not None else None
     same_shape = state is not None and state.baselined and state.shape == sync.shape
     initial = state is None or not state.baselined
-    run = _Run(sync, store, state, result, started, dry_run, initial, not initial and not same_shape, same_shape)
+    short_cuts = same_shape and state.pending_deletes == 0 and state.keeps_records == sync.spec.keep_records
+    run = _Run(sync, store, state, result, started, dry_run, initial, not initial and not same_shape, short_cuts,
+               accept_deletes)
     # Validators of the last good response, only for the same definition (a new URL or new
     # headers must never be answered "not modified" on the strength of the old one's ETag).
     validators = None
-    if same_shape and state.validators and state.validators.get("definition") == sync.digest:
+    if short_cuts and state.validators and state.validators.get("definition") == sync.digest:
         validators = state.validators
     fetch = Fetch(sync, source, validators=validators, parse=parse_json)
     try:
@@ -255,19 +313,17 @@ async def _poll_one(run: _Run, fetch: Fetch) -> None:
         return
     body = page.body
     body_hash = xxh3_128_digest(b"empty %d" % page.status if page.empty else body)
-    if run.same_shape and state.body_hash == body_hash:
+    if run.short_cuts and state.body_hash == body_hash:
         await _unchanged(run, validators)
         return
     header_hint = next_page_hint(page.headers, None) if sync.list_path is not None else None
-    old = await _old(run)
     big = len(body) > THREAD_THRESHOLD
     if page.empty:
-        a, hint = _changes(sync, diff.Snapshot({}, {}), old, run.initial, run.rebaseline, run.result.run_id, False), None
+        snap, hint = diff.Snapshot({}, {}), None
     else:
-        args = (sync, body, old, run.initial, run.rebaseline, run.result.run_id, header_hint is not None)
-        a, hint = await asyncio.to_thread(_analyse, *args) if big else _analyse(*args)
-    del body, page
-    await _commit(run, a, len(old), body_hash, validators, header_hint or hint, big=big)
+        snap, hint = await asyncio.to_thread(_extract, sync, body) if big else _extract(sync, body)
+    del body, page, pages
+    await _finish(run, snap, body_hash, validators, header_hint or hint, big=big)
 
 
 async def _poll_pages(run: _Run, fetch: Fetch) -> None:
@@ -290,18 +346,14 @@ async def _poll_pages(run: _Run, fetch: Fetch) -> None:
             _add_page(builder, page)
     run.result.pages, run.result.requests = fetch.pages_fetched, fetch.requests
     body_hash = hasher.digest()
-    if run.same_shape and state.body_hash == body_hash:
+    if run.short_cuts and state.body_hash == body_hash:
         await _unchanged(run, None)
         return
     with _gc_paused():
         snap = builder.finish()
-    old = await _old(run)
     hint = fetch.end_hint and (f"pagination ended after page {fetch.pages_fetched}, but that page says there is more: "
                                f"check the pagination paths ({fetch.end_hint})")
-    args = (sync, snap, old, run.initial, run.rebaseline, run.result.run_id, bool(hint))
-    big = total > THREAD_THRESHOLD
-    a = await asyncio.to_thread(_changes, *args) if big else _changes(*args)
-    await _commit(run, a, len(old), body_hash, None, hint, big=big)
+    await _finish(run, snap, body_hash, None, hint, big=total > THREAD_THRESHOLD)
 
 
 def _add_page(builder: diff.SnapshotBuilder, page: Page) -> None:
@@ -325,67 +377,128 @@ def _validators(page: Page, sync: Sync) -> dict[str, str] | None:
     return found
 
 
-async def _old(run: _Run) -> dict[str, bytes]:
-    if run.store is None or run.initial:
-        return {}
-    return await run.store.fingerprints(run.state)
-
-
 async def _unchanged(run: _Run, validators: dict[str, str] | None) -> None:
     """Byte-identical to the last good run, or 304 Not Modified: nothing can have changed."""
-    result, state = run.result, run.state
+    result, state, sync = run.result, run.state, run.sync
     result.outcome, result.sync_type, result.records = "unchanged", DELTA, state.record_count
     result.warning = state.last_warning  # the reason deletes were held still stands
+    events = _processed(sync, result, [], tally=EventType.ALL_CONSUMED in sync.spec.events)
+    result.events = [e.body for e in events]
     if run.store is not None and not run.dry_run:
-        await run.store.record_run(_run_record(result, run.started), validators=validators)
+        await run.store.record_run(_run_record(result, run.started), validators=validators, events=events,
+                                   tally=_tally(sync, result))
     log.debug("poll unchanged", records=state.record_count, pages=result.pages)
 
 
-async def _commit(run: _Run, a: _Analysis, old_count: int, body_hash: bytes, validators: dict[str, str] | None, hint: str | None, *, big: bool) -> None:
+def _processed(sync: Sync, result: RunResult, record_events: list[OutboxEvent], *, tally: bool) -> list[OutboxEvent]:
+    """The run's sync.events.processed, if the sync sends it: queued after its record events."""
+    if EventType.PROCESSED not in sync.spec.events:
+        return []
+    data = {
+        "recordsProcessed": result.records or 0, "eventsEmitted": len(record_events), "new": result.new,
+        "modified": result.modified, "deleted": result.deleted, "skipped": result.invalid_ids + result.duplicate_ids,
+        "outcome": result.outcome,
+    }
+    now = time.time()
+    event_id, body = lifecycle(EventType.PROCESSED, data, sync_type=result.sync_type, sync_id=sync.id,
+                               run_id=result.run_id, now=now)
+    return [OutboxEvent(event_id, sync.id, LIFECYCLE_KEY, EventType.PROCESSED, sync.spec.webhook_url, now, body,
+                        result.run_id if tally else None)]
+
+
+def _tally(sync: Sync, result: RunResult) -> tuple[str, str | None] | None:
+    return (sync.spec.webhook_url, result.sync_type) if EventType.ALL_CONSUMED in sync.spec.events else None
+
+
+async def _finish(run: _Run, snap: diff.Snapshot, body_hash: bytes, validators: dict[str, str] | None,
+                  hint: str | None, *, big: bool) -> None:
+    """Diff, guard, build the events and commit: the part of a run after its data is read."""
     sync, result, state, store = run.sync, run.result, run.state, run.store
-    result.records = len(a.fingerprints)
-    result.invalid_ids, result.duplicate_ids = a.invalid_ids, a.duplicate_ids
-    result.invalid_examples = a.invalid_examples
-    if a.invalid_ids:
+    spec = sync.spec
+    result.records = len(snap.fingerprints)
+    result.invalid_ids, result.duplicate_ids = snap.invalid_ids, snap.duplicate_ids
+    result.invalid_examples = snap.invalid_examples
+    if snap.invalid_ids:
         log.warning("records without a usable id were skipped; no record.deleted this run",
-                    skipped=a.invalid_ids, examples=a.invalid_examples, record_identifier=sync.id_path.text)
-    if a.duplicate_ids:
-        log.warning("duplicate record ids were skipped after their first occurrence", skipped=a.duplicate_ids)
+                    skipped=snap.invalid_ids, examples=snap.invalid_examples, record_identifier=sync.id_path.text)
+    if snap.duplicate_ids:
+        log.warning("duplicate record ids were skipped after their first occurrence", skipped=snap.duplicate_ids)
     if hint is not None and not run.rebaseline:
-        if sync.spec.api_details.pagination is None:
+        if spec.api_details.pagination is None:
             result.warning = (f"the API says there are more pages, but no pagination is configured: only the first page "
                               f"was read and no record.deleted was sent ({hint})")
         else:
             result.warning = f"no record.deleted was sent: {hint}"
         log.warning("the list may be incomplete; no record.deleted this run", hint=hint)
 
+    keep = spec.keep_records
     if run.rebaseline:
         log.info("list_identifier, record_identifier or ignore_fields changed: re-baselining without events",
-                 records=len(a.fingerprints))
+                 records=len(snap.fingerprints))
+        plan = diff.Plan([], dict(snap.fingerprints), [], {})
         result.outcome, result.sync_type = "baseline", None
-        commit = Commit(_run_record(result, run.started), sync.shape, body_hash, upserts=a.fingerprints,
-                        replace_all=True, record_count=len(a.fingerprints), validators=validators)
+        sync_type, send_records, old_count = None, False, 0
     else:
-        result.new, result.modified, result.deleted = a.counts[diff.NEW], a.counts[diff.MODIFIED], a.counts[diff.DELETED]
-        result.events = [e.body for e in a.events]
-        result.sync_type = INITIAL if run.initial else DELTA
-        result.outcome = "changed" if a.events else "unchanged"
-        # An initial run's upserts are the complete set: written as a replacement, which also
-        # seeds the store's fingerprint cache for the next run.
-        commit = Commit(_run_record(result, run.started), sync.shape, body_hash, upserts=a.upserts, deletes=a.deletes,
-                        events=a.events, replace_all=run.initial,
-                        record_count=old_count + result.new - result.deleted, validators=validators)
+        old = await run.store.fingerprints(state) if store is not None and not run.initial else {}
+        pending = await store.pending_missing(sync.id) if store is not None and state.pending_deletes else {}
+        args = (snap, old, pending, run.initial, hint is not None, spec.confirm_deletes_after)
+        plan = await asyncio.to_thread(_plan, *args) if big else _plan(*args)
+        _guard_deletes(sync, plan, len(old), run.accept_deletes)
+        if keep and not run.initial and not state.keeps_records:
+            plan.upserts = dict(snap.fingerprints)  # keep_records just turned on: store every body once
+        sync_type = INITIAL if run.initial else DELTA
+        send_records = not (run.initial and spec.initial_sync == "skip")
+        old_count = len(old)
+    old_bodies: dict[str, bytes] = {}
+    body_dict = state.body_dict if state is not None and state.keeps_records and not run.rebaseline else None
+    if keep and store is not None and plan.changes and not run.initial and state.keeps_records:
+        wanted = [c.record_id for c in plan.changes if c.type != EventType.NEW]
+        old_bodies = await store.bodies(state, wanted) if wanted else {}
+    args = (sync, snap, plan, result.run_id, sync_type, send_records, old_bodies, keep, body_dict)
+    a = await asyncio.to_thread(_build, *args) if big else _build(*args)
+    del plan, old_bodies
+
+    result.new, result.modified, result.deleted = (a.counts[EventType.NEW], a.counts[EventType.MODIFIED],
+                                                   a.counts[EventType.DELETED])
+    if not run.rebaseline:
+        result.sync_type = sync_type
+        detected = result.new + result.modified + result.deleted
+        result.outcome = "baseline" if not send_records else "changed" if detected else "unchanged"
+    tally = EventType.ALL_CONSUMED in spec.events
+    events = a.events + _processed(sync, result, a.events, tally=tally)
+    result.events = [e.body for e in events]
+    # An initial run's (or a re-baseline's) upserts are the complete set: written as a replacement,
+    # which also seeds the store's fingerprint cache for the next run.
+    commit = Commit(_run_record(result, run.started), sync.shape, body_hash, upserts=a.upserts, deletes=a.deletes,
+                    events=events, replace_all=run.initial or run.rebaseline,
+                    record_count=old_count + result.new - result.deleted if not run.rebaseline else len(a.upserts),
+                    validators=validators, missing=a.missing, bodies=a.bodies, changed=bool(a.events),
+                    tally=_tally(sync, result), drop_bodies=not keep and state is not None and state.keeps_records,
+                    body_dict=a.body_dict)
+    result.pending_deletes = len(a.missing)
     if store is not None and not run.dry_run:
-        commit.run = _run_record(result, run.started)
         commit.expected_generation = state.generation
         try:
-            await store.commit_run(commit)
+            result.pending_deletes = await store.commit_run(commit)
         except StateConflict as exc:
             raise CommitError(str(exc)) from None
     if big:
         _schedule_trim()
     log.info("poll done", outcome=result.outcome, records=result.records, new=result.new,
              modified=result.modified, deleted=result.deleted, pages=result.pages)
+
+
+def _guard_deletes(sync: Sync, plan: diff.Plan, stored: int, accepted: bool) -> None:
+    """max_delete_fraction: a run that would delete more than that share of the stored records
+    fails (an API that flips to [] must not mass-delete), unless `syncd once --accept-deletes`."""
+    fraction = sync.spec.max_delete_fraction
+    deleting = len(plan.deletes)
+    if fraction is None or accepted or stored < GUARD_MIN_RECORDS or deleting <= fraction * stored:
+        return
+    raise DeletesHeld(
+        f"this run would delete {deleting} of {stored} stored records ({deleting / stored:.0%}), more than "
+        f"max_delete_fraction = {fraction:g}; nothing was written. If the records are really gone, run "
+        f"'syncd once {sync.id} --accept-deletes' to commit this once", deleting)
 
 
 TRIM_DELAY = 5.0  # seconds without a large run before freed heap is handed back to the OS

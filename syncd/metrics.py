@@ -37,6 +37,8 @@ class Metrics:
                                   ["sync"], registry=r)
         self.last_change = Gauge("syncd_sync_last_change_timestamp_seconds", "Time of the last poll that queued events",
                                  ["sync"], registry=r)
+        self.deletes_held = Counter("syncd_sync_deletes_held", "Deletions held back by max_delete_fraction (the run failed instead)",
+                                    ["sync"], registry=r)
         self.interval = Gauge("syncd_sync_interval_seconds", "The sync's poll interval (for alerts: stale after N intervals)",
                               ["sync"], registry=r)
         self.reloads = Counter("syncd_config_reloads", "Configuration reloads", registry=r)
@@ -52,7 +54,7 @@ class Metrics:
         self.oldest_pending = Gauge("syncd_delivery_oldest_pending_age_seconds", "Age of the oldest undelivered event",
                                     ["sync"], registry=r)
         self._per_sync = [self.sync_up, self.polls, self.poll_failures, self.poll_duration, self.records,
-                          self.last_success, self.last_change, self.interval, self.deliveries, self.delivery_failures,
+                          self.last_success, self.last_change, self.interval, self.deletes_held, self.deliveries, self.delivery_failures,
                           self.delivery_duration, self.queue_depth, self.dead_letters, self.oldest_pending]
         self._known: set[str] = set()
 

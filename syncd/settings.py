@@ -18,7 +18,8 @@ from syncd.signing import secret_key
 from syncd.units import Duration
 
 DEFAULT_SETTINGS_FILE = Path("/etc/syncd/syncd.toml")
-DEFAULT_RETRY_SCHEDULE = ["5s", "30s", "2m", "10m", "30m", "1h", "2h", "4h", "8h", "16h"]
+#: Attempts span 5 days (at least 4 with the ±20% jitter), as Knit retries for 4 days (DESIGN §9).
+DEFAULT_RETRY_SCHEDULE = ["5s", "30s", "2m", "10m", "30m", "1h", "2h", "4h", "8h", "16h", "24h", "24h", "24h", "24h"]
 #: Settings that hold secrets: read from $CREDENTIALS_DIRECTORY/<name> too, and never printed.
 SECRET_SETTINGS = ("webhook_secret",)
 
@@ -82,7 +83,7 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(16, ge=1, le=1024, description="Webhook deliveries in flight at once.")
     webhook_timeout: Duration = Field(30.0, gt=0, description="Timeout of one delivery attempt.")
     webhook_retry_schedule: Annotated[list[Duration], NoDecode, BeforeValidator(_split_list)] = Field(
-        DEFAULT_RETRY_SCHEDULE, min_length=1, description="Delays between delivery attempts (±20% jitter); after the last one an event becomes a dead letter."
+        DEFAULT_RETRY_SCHEDULE, min_length=1, description="Delays between delivery attempts (±20% jitter); after the last one an event becomes a dead letter. The default's attempts span about 5 days (at least 4 with jitter: Knit retries for 4 days)."
     )
     webhook_secret: SecretStr | None = Field(None, description="Default signing secret (whsec_...) for syncs without their own. Prefer $CREDENTIALS_DIRECTORY/webhook_secret or the environment: a flag shows in ps.")
     max_concurrent_polls: int = Field(16, ge=1, le=1024, description="Polls running at once across all syncs.")

@@ -36,6 +36,8 @@ def sync_view(sync_id: str, *, sync: Any = None, state: Any = None, stats: Any =
         "last_success_at": iso_time(state.last_success_at if state else None),
         "last_change_at": iso_time(state.last_change_at if state else None),
         "records": state.record_count if state else 0,
+        "pending_deletions": state.pending_deletes if state else 0,
+        "deletes_held": state.deletes_held if state else 0,
         "pending_events": stats.pending if stats else 0,
         "dead_events": stats.dead if stats else 0,
     })
