@@ -51,6 +51,8 @@ def _settings_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, info in Settings.model_fields.items():
         if wanted is not None and name not in wanted | {"config_dir", "state_path"}:
             continue
+        if name == "integrations":
+            continue  # tables: the settings file only
         flag = "--" + name.replace("_", "-")
         text = info.description or ""
         choices = getattr(info.annotation, "__args__", ()) if "Literal" in str(info.annotation) else ()
@@ -70,7 +72,7 @@ def _settings_parser(command: str | None = None) -> argparse.ArgumentParser:
         kwargs: dict[str, Any] = {"dest": f"setting_{name}", "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
         if info.annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif name == "webhook_retry_schedule":
+        elif name in ("webhook_retry_schedule", "api_keys", "api_allowed_hosts"):
             kwargs["metavar"] = "LIST"
             kwargs["help"] += " Comma-separated on the command line."
         elif info.annotation is int:
@@ -195,10 +197,11 @@ def _configure_logs(settings: Settings) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from syncd.config import load_dir, load_warnings
+    from syncd.config import integration_problems, load_dir, load_warnings
 
     settings = _load_settings(args)
     syncs, problems = load_dir(settings)
+    problems += integration_problems(settings)
     if problems:
         raise ConfigError(problems)
     from syncd.signing import check_secret
@@ -451,15 +454,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     invalid = {declared_id(Path(p.source)) for p in problems if p.source.endswith(".toml")}
 
     async def collect(store):
-        return await store.all_states(), await store.outbox_stats()
+        return await store.all_states(), await store.outbox_stats(), await store.paused()
 
-    states, stats = _with_store(settings, collect) or ([], {})
+    states, stats, paused = _with_store(settings, collect) or ([], {}, set())
     by_id = {s.sync_id: s for s in states}
     out = []
     for sync_id in sorted(set(syncs) | set(by_id) | invalid):
         definition = "ok" if sync_id in syncs else "invalid" if sync_id in invalid else "removed"
         out.append(sync_view(sync_id, sync=syncs.get(sync_id), state=by_id.get(sync_id), stats=stats.get(sync_id),
-                             definition=definition))
+                             definition=definition, paused=sync_id in paused))
     if args.json:
         sys.stdout.buffer.write(orjson.dumps({"syncs": out}, option=orjson.OPT_INDENT_2) + b"\n")
         return EX_OK
@@ -467,10 +470,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"no syncs in {settings.config_dir} and no state in {settings.state_path}")
         return EX_OK
     label = {"ok": "", "invalid": " (invalid file)", "removed": " (removed)"}
-    rows = [[o["id"] + label[o["definition"]], _fmt_iso(o["last_run_at"]), o["last_outcome"] or "never run",
-             str(o["records"]), str(o["pending_events"]), str(o["dead_events"]), _deletes(o), (o["last_error"] or "")[:80]]
-            for o in out]
-    print(_table(rows, ["SYNC", "LAST RUN", "OUTCOME", "RECORDS", "PENDING", "DEAD", "DELETES", "LAST ERROR"]))
+    rows = [[o["id"] + label[o["definition"]] + (" (paused)" if o["paused"] else ""), o.get("origin", "-"),
+             _fmt_iso(o["last_run_at"]), o["last_outcome"] or "never run", str(o["records"]), str(o["pending_events"]),
+             str(o["dead_events"]), _deletes(o), (o["last_error"] or "")[:80]] for o in out]
+    print(_table(rows, ["SYNC", "ORIGIN", "LAST RUN", "OUTCOME", "RECORDS", "PENDING", "DEAD", "DELETES", "LAST ERROR"]))
     for o in out:
         if o["last_warning"]:
             print(f"warning: {o['id']}: {o['last_warning']}")

@@ -385,6 +385,8 @@ class Sync:
     digest: str
     #: Strings that came from ${NAME}: scrubbed from anything syncd prints.
     secrets: frozenset[str] = field(default=frozenset(), repr=False)
+    #: Where the definition came from: "file" (config_dir) or "api" (the control API, api_config_dir).
+    origin: str = "file"
 
     @property
     def display_url(self) -> str:
@@ -472,6 +474,16 @@ def load_file(path: Path, settings: Settings) -> tuple[Sync | None, list[Problem
             return None, [Problem(source, "file", reason)]
         return None, [Problem(source, "file", f"cannot read: {exc}")]
 
+    origin = "api" if path.parent == settings.api_dir else "file"
+    return parse_definition(data, settings, source=source, default_id=path.stem, file=path, origin=origin)
+
+
+def parse_definition(data: Any, settings: Settings, *, source: str, default_id: str | None, file: Path,
+                     origin: str = "file") -> tuple[Sync | None, list[Problem]]:
+    """Validate one definition, from a TOML file or a control-API body alike: the Sync, or None
+    and every problem (each naming `source`, the key and the reason). ${NAME} is resolved."""
+    if not isinstance(data, dict):
+        return None, [Problem(source, "(top level)", "a definition is a table (a JSON object)")]
     resolver = _Resolver(source)
     resolved = resolver.resolve(data, "")
     problems = resolver.problems + _pair_problems(source, resolved)
@@ -483,15 +495,16 @@ def load_file(path: Path, settings: Settings) -> tuple[Sync | None, list[Problem
         problems += _resolved_problems(source, spec)
     if problems:
         return None, _scrub_problems(problems, resolver.secrets)
-    sync_id = spec.idempotency_id or path.stem
-    if not re.match(_ID_PATTERN, sync_id):
-        return None, [Problem(source, "idempotency_id", f"the file name {path.stem!r} is not a valid sync id (letters, digits, '_', '.', '-'); set idempotency_id")]
+    sync_id = spec.idempotency_id or default_id
+    if sync_id is None or not re.match(_ID_PATTERN, sync_id):
+        return None, [Problem(source, "idempotency_id", f"the file name {default_id!r} is not a valid sync id (letters, digits, '_', '.', '-'); set idempotency_id")]
     shape = xxhash.xxh3_64_hexdigest(orjson.dumps([spec.list_identifier, spec.record_identifier, sorted(spec.ignore_fields)]))
     digest = xxhash.xxh3_64_hexdigest(orjson.dumps(spec.model_dump(mode="json")))
     return (
         Sync(
             id=sync_id,
-            file=path,
+            file=file,
+            origin=origin,
             spec=spec,
             url=spec.api_details.url,
             list_path=spec.list_identifier and compile_path(spec.list_identifier),
@@ -585,20 +598,57 @@ def declared_id(path: Path) -> str:
 
 
 def definition_files(config_dir: Path) -> list[Path]:
+    if not config_dir.is_dir():
+        return []
+    return _definition_files(config_dir)
+
+
+def _definition_files(config_dir: Path) -> list[Path]:
     """The `*.toml` files of `config_dir`; hidden files (editor temporaries) are ignored. A
     symbolic link that leads nowhere is listed too, so that it is reported instead of dropped."""
     return sorted(p for p in config_dir.glob("*.toml")
                   if not p.name.startswith(".") and (p.is_file() or (p.is_symlink() and not p.exists())))
 
 
+def integration_problems(settings: Settings) -> list[Problem]:
+    """[integrations.NAME] tables of the settings file: base_url, headers and auth, checked like a sync's."""
+    problems = []
+    for name, table in settings.integrations.items():
+        where = f"settings: integrations.{name}"
+        if not isinstance(table, dict):
+            problems.append(Problem(where, name, "must be a table with base_url, headers and auth"))
+            continue
+        unknown = set(table) - {"base_url", "headers", "auth"}
+        if unknown:
+            problems.append(Problem(where, sorted(unknown)[0], "unknown key (base_url, headers, auth)"))
+        if "base_url" in table:
+            try:
+                absolute_url(str(table["base_url"]))
+            except ValueError as exc:
+                problems.append(Problem(where, "base_url", str(exc)))
+        headers = table.get("headers", {})
+        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+            problems.append(Problem(where, "headers", "must be a table of strings"))
+        if "auth" in table:
+            try:
+                Auth.model_validate(table["auth"])
+            except ValidationError as exc:
+                problems += problems_from_validation(exc, where)
+    return problems
+
+
 def load_dir(settings: Settings) -> tuple[dict[str, Sync], list[Problem]]:
-    """Every valid sync in `config_dir` by id, and every problem found (invalid files are left out)."""
+    """Every valid sync in `config_dir` (and api_config_dir) by id, and every problem found
+    (invalid files are left out)."""
     config_dir = settings.config_dir
     if not config_dir.is_dir():
         return {}, [Problem(str(config_dir), "config_dir", "directory not found; create it or set config_dir / SYNCD_CONFIG_DIR / --config-dir")]
     loaded: list[Sync] = []
     problems: list[Problem] = []
-    for path in definition_files(config_dir):
+    paths = definition_files(config_dir)
+    if settings.api_dir.is_dir() and settings.api_dir.resolve() != config_dir.resolve():
+        paths += definition_files(settings.api_dir)  # syncs created through the control API
+    for path in paths:
         sync, found = load_file(path, settings)
         problems.extend(found)
         if sync is not None:

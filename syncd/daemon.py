@@ -19,6 +19,7 @@ from syncd.delivery import Deliverer, Target
 from syncd.engine import RunResult, poll
 from syncd.http import poll_session, webhook_session
 from syncd.metrics import Metrics
+from syncd.registry import Registry
 from syncd.scheduler import Scheduler
 from syncd.settings import Settings
 from syncd.source.fetcher import Source
@@ -39,7 +40,7 @@ class Daemon:
         self.settings = settings
         self.notifier = notifier or Notifier({})
         self.metrics = Metrics()
-        self.syncs: dict[str, Sync] = {}
+        self.registry = Registry()
         self._file_ids: dict[Path, str] = {}  # file -> id of its last good version
         self._targets: dict[str, Target] = {}  # every sync seen, removed ones included
         self._stop = asyncio.Event()
@@ -56,6 +57,11 @@ class Daemon:
         self._pending_total = 0
         self._dead_total = 0
         self.address: tuple[str, int] | None = None  # where /metrics listens once started
+
+    @property
+    def syncs(self) -> dict[str, Sync]:
+        """Every valid sync, paused ones included."""
+        return self.registry.syncs
 
     # -- control (safe to call from signal handlers) ------------------------------------------
 
@@ -90,6 +96,10 @@ class Daemon:
             not_before = {s.sync_id: s.next_run_at for s in states if s.next_run_at}
             self._seed_metrics(states)
             app = server.build_app(self.metrics, ready=self._readiness, syncs_status=self.syncs_status)
+            if settings.api_keys:
+                from syncd.api import ControlAPI
+
+                ControlAPI(self).routes(app)
             host, port = settings.listen_address
             runner = await server.start(app, host, port)
             self.address = runner.addresses[0][:2] if runner.addresses else (host, port)
@@ -101,7 +111,9 @@ class Daemon:
 
             self._scheduler = Scheduler(run_poll, max_concurrent=settings.max_concurrent_polls, last_runs=last_runs,
                                         not_before=not_before)
-            self._scheduler.update(self.syncs, startup=True)
+            self.registry.paused = await store.paused()
+            self._scheduler.update(self.registry.active, startup=True)
+            self.registry.subscribe(self._schedule)
             deliverer = Deliverer(store, hook_session, concurrency=settings.webhook_concurrency,
                                   timeout=settings.webhook_timeout, schedule=settings.webhook_retry_schedule,
                                   target=self._target, metrics=self.metrics,
@@ -186,7 +198,7 @@ class Daemon:
         if any(p.key == "config_dir" for p in problems):
             syncs = dict(self.syncs)  # the directory vanished: keep everything as it was
         else:
-            present = set(definition_files(settings.config_dir))
+            present = set(definition_files(settings.config_dir)) | set(definition_files(settings.api_dir))
             for path in bad_files & present:
                 old_id = self._file_ids.get(path)
                 if old_id and old_id in self.syncs and old_id not in syncs:
@@ -205,10 +217,10 @@ class Daemon:
         removed = self.syncs.keys() - syncs.keys()
         changed = [i for i in syncs.keys() & self.syncs.keys() if syncs[i].digest != self.syncs[i].digest]
         self._file_ids = {s.file: s.id for s in syncs.values()}
+        self.registry.update(syncs)
         for sync in syncs.values():
             for warning in load_warnings(sync):
                 log.warning("sync definition is insecure", sync=sync.id, file=str(sync.file), warning=warning)
-        self.syncs = syncs
         if self._source is not None:
             self._source.forget(set(syncs))
         for sync in syncs.values():
@@ -218,11 +230,13 @@ class Daemon:
         for sync_id in removed:
             self.metrics.remove_sync(sync_id)
         self.metrics.syncs.set(len(syncs))
-        if self._scheduler is not None and self._state_lost is None:
-            self._scheduler.update(syncs)
         if not startup or syncs:
             log.info("configuration loaded", syncs=len(syncs), added=sorted(added), removed=sorted(removed),
                      changed=sorted(changed), problems=len(problems))
+
+    def _schedule(self, active: dict[str, Sync]) -> None:
+        if self._scheduler is not None and self._state_lost is None:
+            self._scheduler.update(active)
 
     def _recheck_later(self) -> None:
         if self._recheck is None or self._recheck.cancelled() or self._recheck.when() <= asyncio.get_running_loop().time():
@@ -243,7 +257,7 @@ class Daemon:
 
     async def _watch_config(self) -> None:
         """Reload when a *.toml in config_dir is added, changed or removed (stat polling)."""
-        seen = _snapshot(self.settings.config_dir)
+        seen = _snapshot(self.settings)
         while True:
             try:
                 seen = await self._watch_once(seen)
@@ -254,13 +268,13 @@ class Daemon:
     async def _watch_once(self, seen: dict) -> dict:
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
-            now = _snapshot(self.settings.config_dir)
+            now = _snapshot(self.settings)
             if now == seen:
                 continue
             # Wait until the directory settles: editors write temporaries and rename them into place.
             for _ in range(10):
                 await asyncio.sleep(SETTLE)
-                again = _snapshot(self.settings.config_dir)
+                again = _snapshot(self.settings)
                 if again == now:
                     break
                 now = again
@@ -369,14 +383,38 @@ class Daemon:
             return False, "not ready: starting or stopping"
         return True, f"ready: {len(self.syncs)} syncs"
 
+    # -- the control API's operations ---------------------------------------------------------
+
+    def apply_config(self) -> None:
+        """Load the definitions again now (the control API wrote or removed one)."""
+        self._apply_config()
+
+    async def set_paused(self, sync_id: str, paused: bool) -> None:
+        """Pause or resume polling a sync; kept in the state database, so it survives restarts."""
+        await self._store.set_paused(sync_id, paused)
+        self.registry.set_paused(sync_id, paused)
+        log.info("sync paused" if paused else "sync resumed", sync=sync_id)
+
+    def trigger(self, sync_id: str) -> bool:
+        """Poll a sync now. False when it is not being scheduled (paused, stopping, state lost)."""
+        return self._scheduler is not None and self._state_lost is None and self._scheduler.trigger(sync_id)
+
+    async def sync_status(self, sync_id: str) -> dict:
+        stats = await self._store.outbox_stats()
+        return self._view(sync_id, await self._store.sync_state(sync_id), stats)
+
+    def _view(self, sync_id: str, state, stats) -> dict:
+        sync = self.syncs[sync_id]
+        definition = "invalid" if sync.file in self._invalid_files else "ok"
+        return sync_view(sync_id, sync=sync, state=state, stats=stats.get(sync_id), definition=definition,
+                         paused=sync_id in self.registry.paused)
+
     async def syncs_status(self) -> list[dict]:
         store = self._store
         stats = await store.outbox_stats()
         out = []
-        for sync_id, sync in sorted(self.syncs.items()):
-            state = await store.sync_state(sync_id)
-            definition = "invalid" if sync.file in self._invalid_files else "ok"
-            out.append(sync_view(sync_id, sync=sync, state=state, stats=stats.get(sync_id), definition=definition))
+        for sync_id in sorted(self.syncs):
+            out.append(self._view(sync_id, await store.sync_state(sync_id), stats))
         return out
 
 
@@ -387,9 +425,9 @@ def _modified_within(path: Path, seconds: float) -> bool:
         return False
 
 
-def _snapshot(config_dir: Path) -> dict[str, tuple[int, int, int]]:
+def _snapshot(settings: Settings) -> dict[str, tuple[int, int, int]]:
     try:
-        files = definition_files(config_dir)
+        files = definition_files(settings.config_dir) + definition_files(settings.api_dir)
     except OSError:
         return {}
     out = {}
@@ -398,7 +436,7 @@ def _snapshot(config_dir: Path) -> dict[str, tuple[int, int, int]]:
             st = path.stat()
         except OSError:
             continue
-        out[path.name] = (st.st_mtime_ns, st.st_size, st.st_ino)
+        out[str(path)] = (st.st_mtime_ns, st.st_size, st.st_ino)
     return out
 
 

@@ -18,7 +18,7 @@ ADDED_SPREAD = 1.0  # the same for a sync added while running
 
 
 class _Entry:
-    __slots__ = ("sync", "task", "reschedule", "removed", "polling", "last_start")
+    __slots__ = ("sync", "task", "reschedule", "removed", "polling", "last_start", "triggered")
 
     def __init__(self, sync: Sync) -> None:
         self.sync = sync
@@ -27,6 +27,7 @@ class _Entry:
         self.removed = False
         self.polling = False
         self.last_start: float | None = None  # wall clock
+        self.triggered = False  # poll now (the control API's trigger)
 
 
 class Scheduler:
@@ -45,6 +46,15 @@ class Scheduler:
         # Loops of removed syncs still finishing a poll: a re-added sync waits for them.
         self._retiring: dict[str, asyncio.Task] = {}
 
+    def trigger(self, sync_id: str) -> bool:
+        """Poll `sync_id` now (after the poll under way, if one is). False if it is not scheduled."""
+        entry = self._entries.get(sync_id)
+        if entry is None:
+            return False
+        entry.triggered = True
+        entry.reschedule.set()
+        return True
+
     def running_polls(self) -> int:
         return sum(e.polling for e in self._entries.values())
 
@@ -57,7 +67,7 @@ class Scheduler:
                 entry.reschedule.set()  # a running poll finishes; the loop then ends
                 if entry.task is not None and not entry.task.done():
                     self._retiring[sync_id] = entry.task
-                log.info("sync removed; polling stopped, state and pending webhooks kept", sync=sync_id)
+                log.info("polling stopped (sync removed or paused); state and pending webhooks kept", sync=sync_id)
         for sync_id, sync in syncs.items():
             entry = self._entries.get(sync_id)
             if entry is None:
@@ -97,6 +107,10 @@ class Scheduler:
                     entry.reschedule.clear()
                     if entry.removed:
                         return
+                    if entry.triggered:
+                        entry.triggered = False
+                        delay = 0.0
+                        continue
                     # The interval changed: count the new one from the last poll's start.
                     start = entry.last_start or time.time()
                     delay = max(0.0, start + entry.sync.spec.interval - time.time())

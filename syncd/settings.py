@@ -21,7 +21,7 @@ DEFAULT_SETTINGS_FILE = Path("/etc/syncd/syncd.toml")
 #: Attempts span 5 days (at least 4 with the ±20% jitter), as Knit retries for 4 days (DESIGN §9).
 DEFAULT_RETRY_SCHEDULE = ["5s", "30s", "2m", "10m", "30m", "1h", "2h", "4h", "8h", "16h", "24h", "24h", "24h", "24h"]
 #: Settings that hold secrets: read from $CREDENTIALS_DIRECTORY/<name> too, and never printed.
-SECRET_SETTINGS = ("webhook_secret",)
+SECRET_SETTINGS = ("webhook_secret", "api_keys")
 
 
 SYSTEM_STATE_DIR = Path("/var/lib/syncd")
@@ -55,6 +55,13 @@ def _split_list(value: Any) -> Any:
                 raise ValueError(f"invalid JSON list: {exc}") from None
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
+
+
+def _split_keys(value: Any) -> Any:
+    """API keys: a list, JSON, commas, or lines (the credential file has one key a line)."""
+    if isinstance(value, str) and "\n" in value.strip():
+        return [line.strip() for line in value.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return _split_list(value)
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -91,6 +98,26 @@ class Settings(BaseSettings):
     allow_insecure_webhooks: bool = Field(False, description="Allow http:// webhook URLs to non-loopback hosts.")
     shutdown_timeout: Duration = Field(10.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight polls and deliveries may take to finish; what is left stays queued.")
     max_response_bytes: ByteSize = Field(ByteSize(256 * 1024**2), gt=0, description="Largest API response accepted (after decompression); larger fails the run. Accepts 256MiB, 1GB, ...")
+    api_keys: Annotated[list[SecretStr], NoDecode, BeforeValidator(_split_keys)] = Field(
+        default_factory=list, description="Keys of the Knit-compatible control API under /v1.0/ (off while empty): JSON or comma-separated, or $CREDENTIALS_DIRECTORY/api_keys with one key a line. A flag shows in ps: prefer the credential.")
+    api_config_dir: Path | None = Field(None, description="Where syncs created through the control API are kept as TOML files. Default: api.d beside the state database.")
+    api_allowed_hosts: Annotated[list[str], NoDecode, BeforeValidator(_split_list)] = Field(
+        default_factory=list, description="Host patterns (fnmatch: api.example.com, *.example.com) that base and webhook URLs of API-created syncs must match; empty: any host.")
+    integrations: dict[str, dict[str, Any]] = Field(default_factory=dict, description="[integrations.NAME] tables (settings file only): base_url, headers and auth for control-API syncs that name the integration in X-Knit-Integration-Id.")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _usable_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for key in value:
+            text = key.get_secret_value()
+            if len(text) < 16 or any(c.isspace() for c in text):
+                raise ValueError("each API key must be at least 16 characters without spaces (generate one with 'syncd secret')")
+        return value
+
+    @property
+    def api_dir(self) -> Path:
+        """api_config_dir, or api.d beside the state database."""
+        return self.api_config_dir or self.state_path.parent / "api.d"
 
     @field_validator("listen")
     @classmethod

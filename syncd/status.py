@@ -18,15 +18,19 @@ __all__ = ["iso_time", "sync_view"]
 DEFINITIONS = ("ok", "invalid", "removed")
 
 
-def sync_view(sync_id: str, *, sync: Any = None, state: Any = None, stats: Any = None, definition: str = "ok") -> dict:
-    """The status of one sync: `sync` its definition (or None), `state` its SyncState, `stats` its OutboxStats."""
+def sync_view(sync_id: str, *, sync: Any = None, state: Any = None, stats: Any = None, definition: str = "ok",
+              paused: bool = False) -> dict:
+    """The status of one sync: `sync` its definition (or None), `state` its SyncState, `stats` its
+    OutboxStats. `syncJobId` repeats `id` for Knit's clients."""
     view: dict[str, Any] = {
         "id": sync_id,
+        "syncJobId": sync_id,
         "configured": definition != "removed",
         "definition": definition,
+        "paused": paused,
     }
     if sync is not None:
-        view.update(file=str(sync.file), url=sync.display_url, interval_seconds=sync.spec.interval,
+        view.update(origin=sync.origin, file=str(sync.file), url=sync.display_url, interval_seconds=sync.spec.interval,
                     paginated=sync.spec.api_details.pagination is not None)
     view.update({
         "last_run_at": iso_time(state.last_run_at if state else None),

@@ -100,6 +100,10 @@ CREATE TABLE IF NOT EXISTS run_tallies (
     emitted_at  REAL
 );
 CREATE INDEX IF NOT EXISTS run_tallies_open ON run_tallies (run_id) WHERE emitted_at IS NULL;
+CREATE TABLE IF NOT EXISTS sync_controls (
+    sync_id TEXT PRIMARY KEY,
+    paused  INTEGER NOT NULL DEFAULT 0
+);
 CREATE INDEX IF NOT EXISTS outbox_by_record ON outbox (sync_id, record_id, seq);
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_attempt_at, seq) WHERE dead_at IS NULL;
 CREATE INDEX IF NOT EXISTS outbox_due_by_sync ON outbox (sync_id, next_attempt_at, seq) WHERE dead_at IS NULL;
@@ -627,6 +631,17 @@ class Store:
         if total:
             await conn.execute("INSERT INTO run_tallies (run_id, sync_id, sync_type, webhook_url, total) VALUES (?, ?, ?, ?, ?)",
                                (run.run_id, run.sync_id, tally[1], tally[0], total))
+
+    # -- pause state (the control API) ------------------------------------------------------------
+
+    async def paused(self) -> set[str]:
+        rows = await self._conn.execute_fetchall("SELECT sync_id FROM sync_controls WHERE paused = 1")
+        return {r[0] for r in rows}
+
+    async def set_paused(self, sync_id: str, paused: bool) -> None:
+        async with self._transaction() as conn:
+            await conn.execute("INSERT INTO sync_controls (sync_id, paused) VALUES (?, ?) "
+                               "ON CONFLICT (sync_id) DO UPDATE SET paused = excluded.paused", (sync_id, int(paused)))
 
     # -- sync.events.allConsumed -----------------------------------------------------------------
 
