@@ -24,7 +24,7 @@ from syncd.scheduler import Scheduler
 from syncd.settings import Settings
 from syncd.source.fetcher import Source
 from syncd.status import sync_view
-from syncd.store import Store, lock_instance
+from syncd.store import Store, SyncState, lock_instance
 from syncd.systemd import Notifier
 
 log = structlog.get_logger("syncd.daemon")
@@ -100,6 +100,9 @@ class Daemon:
                 from syncd.api import ControlAPI
 
                 ControlAPI(self).routes(app)
+            from syncd.web import WebPage
+
+            WebPage(self).routes(app)
             host, port = settings.listen_address
             runner = await server.start(app, host, port)
             self.address = runner.addresses[0][:2] if runner.addresses else (host, port)
@@ -395,6 +398,13 @@ class Daemon:
         self.registry.set_paused(sync_id, paused)
         log.info("sync paused" if paused else "sync resumed", sync=sync_id)
 
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    def next_polls(self) -> dict[str, float | None]:
+        return self._scheduler.next_polls() if self._scheduler is not None else {}
+
     def trigger(self, sync_id: str) -> bool:
         """Poll a sync now. False when it is not being scheduled (paused, stopping, state lost)."""
         return self._scheduler is not None and self._state_lost is None and self._scheduler.trigger(sync_id)
@@ -413,8 +423,9 @@ class Daemon:
         store = self._store
         stats = await store.outbox_stats()
         out = []
+        states = {s.sync_id: s for s in await store.all_states()}
         for sync_id in sorted(self.syncs):
-            out.append(self._view(sync_id, await store.sync_state(sync_id), stats))
+            out.append(self._view(sync_id, states.get(sync_id) or SyncState(sync_id), stats))
         return out
 
 

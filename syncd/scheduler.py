@@ -18,7 +18,7 @@ ADDED_SPREAD = 1.0  # the same for a sync added while running
 
 
 class _Entry:
-    __slots__ = ("sync", "task", "reschedule", "removed", "polling", "last_start", "triggered")
+    __slots__ = ("sync", "task", "reschedule", "removed", "polling", "last_start", "triggered", "next_at")
 
     def __init__(self, sync: Sync) -> None:
         self.sync = sync
@@ -28,6 +28,7 @@ class _Entry:
         self.polling = False
         self.last_start: float | None = None  # wall clock
         self.triggered = False  # poll now (the control API's trigger)
+        self.next_at: float | None = None  # wall clock of the next poll, for status views
 
 
 class Scheduler:
@@ -45,6 +46,10 @@ class Scheduler:
         self._rnd = rnd or random.Random()
         # Loops of removed syncs still finishing a poll: a re-added sync waits for them.
         self._retiring: dict[str, asyncio.Task] = {}
+
+    def next_polls(self) -> dict[str, float | None]:
+        """When each scheduled sync polls next (None while it polls)."""
+        return {sid: (None if e.polling else e.next_at) for sid, e in self._entries.items()}
 
     def trigger(self, sync_id: str) -> bool:
         """Poll `sync_id` now (after the poll under way, if one is). False if it is not scheduled."""
@@ -98,6 +103,7 @@ class Scheduler:
         if previous is not None:
             await asyncio.wait([previous])  # never overlap the removed version's last poll
         while not entry.removed:
+            entry.next_at = time.time() + delay
             if delay > 0:
                 try:
                     await asyncio.wait_for(entry.reschedule.wait(), delay)

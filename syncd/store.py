@@ -100,6 +100,14 @@ CREATE TABLE IF NOT EXISTS run_tallies (
     emitted_at  REAL
 );
 CREATE INDEX IF NOT EXISTS run_tallies_open ON run_tallies (run_id) WHERE emitted_at IS NULL;
+CREATE TABLE IF NOT EXISTS event_hours (
+    sync_id  TEXT NOT NULL,
+    hour     INTEGER NOT NULL,
+    new      INTEGER NOT NULL DEFAULT 0,
+    modified INTEGER NOT NULL DEFAULT 0,
+    deleted  INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (sync_id, hour)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sync_controls (
     sync_id TEXT PRIMARY KEY,
     paused  INTEGER NOT NULL DEFAULT 0
@@ -460,19 +468,8 @@ class Store:
     # -- syncs ---------------------------------------------------------------------------------
 
     async def sync_state(self, sync_id: str) -> SyncState:
-        rows = await self._conn.execute_fetchall(
-            "SELECT sync_id, shape, body_hash, generation, baselined, record_count, last_run_at, last_outcome, "
-            "last_error, last_success_at, last_change_at, next_run_at, validators, last_warning, pending_deletes, "
-            "deletes_held, keeps_records, body_dict FROM syncs WHERE sync_id = ?",
-            (sync_id,),
-        )
-        if not rows:
-            return SyncState(sync_id)
-        row = list(rows[0])
-        row[4] = bool(row[4])
-        row[12] = _load_validators(row[12])
-        row[16] = bool(row[16])
-        return SyncState(*row)
+        rows = await self._conn.execute_fetchall(f"SELECT {_STATE_COLUMNS} FROM syncs WHERE sync_id = ?", (sync_id,))
+        return _state(rows[0]) if rows else SyncState(sync_id)
 
     async def pending_missing(self, sync_id: str) -> dict[str, int]:
         """Records missing from recent runs, not deleted yet: id -> consecutive runs missing."""
@@ -494,8 +491,9 @@ class Store:
         return found
 
     async def all_states(self) -> list[SyncState]:
-        rows = await self._conn.execute_fetchall("SELECT sync_id FROM syncs ORDER BY sync_id")
-        return [await self.sync_state(r[0]) for r in rows]
+        """Every sync's state, in one query (a status page of 10,000 syncs must not make 10,000)."""
+        rows = await self._conn.execute_fetchall(f"SELECT {_STATE_COLUMNS} FROM syncs ORDER BY sync_id")
+        return [_state(row) for row in rows]
 
     async def fingerprints(self, state: SyncState) -> dict[str, bytes]:
         """Stored fingerprints of a sync. The returned dict must not be modified by the caller."""
@@ -547,6 +545,7 @@ class Store:
                 await conn.executemany("UPDATE records SET missing = ? WHERE sync_id = ? AND record_id = ?",
                                        [(runs, sid, rid) for rid, runs in commit.missing.items()])
             await self._queue(conn, commit.events)
+            await self._count_events(conn, sid, run.finished_at, commit.events)
             if commit.tally is not None:
                 await self._open_tally(conn, run, commit.tally, commit.events)
             pending = (await (await conn.execute(
@@ -631,6 +630,32 @@ class Store:
         if total:
             await conn.execute("INSERT INTO run_tallies (run_id, sync_id, sync_type, webhook_url, total) VALUES (?, ?, ?, ?, ?)",
                                (run.run_id, run.sync_id, tally[1], tally[0], total))
+
+    async def _count_events(self, conn: aiosqlite.Connection, sync_id: str, at: float, events: list[OutboxEvent]) -> None:
+        """Hourly counts of queued record events (the web page's "last 24 h"), kept two days."""
+        counts = {"record.new": 0, "record.modified": 0, "record.deleted": 0}
+        for e in events:
+            if e.event_type in counts:
+                counts[e.event_type] += 1
+        if not any(counts.values()):
+            return
+        hour = int(at // 3600)
+        await conn.execute(
+            "INSERT INTO event_hours (sync_id, hour, new, modified, deleted) VALUES (?1, ?2, ?3, ?4, ?5) "
+            "ON CONFLICT (sync_id, hour) DO UPDATE SET new = new + ?3, modified = modified + ?4, deleted = deleted + ?5",
+            (sync_id, hour, counts["record.new"], counts["record.modified"], counts["record.deleted"]))
+        await conn.execute("DELETE FROM event_hours WHERE sync_id = ? AND hour < ?", (sync_id, hour - 48))
+
+    async def events_since(self, since: float) -> dict[str, tuple[int, int, int]]:
+        """Record events queued per sync since `since` (hour granularity): (new, modified, deleted)."""
+        rows = await self._conn.execute_fetchall(
+            "SELECT sync_id, sum(new), sum(modified), sum(deleted) FROM event_hours WHERE hour >= ? GROUP BY sync_id",
+            (int(since // 3600),))
+        return {row[0]: (row[1], row[2], row[3]) for row in rows}
+
+    async def all_runs(self, sync_id: str) -> list[RunRecord]:
+        """The kept run history of a sync, oldest first."""
+        return list(reversed(await self.runs(sync_id, limit=RUNS_KEPT)))
 
     # -- pause state (the control API) ------------------------------------------------------------
 
@@ -847,6 +872,21 @@ class Store:
             args = (sync_id,)
         rows = await self._conn.execute_fetchall(query + " ORDER BY seq", args)
         return [OutboxEvent(*row) for row in rows]
+
+
+_STATE_COLUMNS = (
+    "sync_id, shape, body_hash, generation, baselined, record_count, last_run_at, last_outcome, last_error, "
+    "last_success_at, last_change_at, next_run_at, validators, last_warning, pending_deletes, deletes_held, "
+    "keeps_records, body_dict"
+)
+
+
+def _state(row: Any) -> SyncState:
+    row = list(row)
+    row[4] = bool(row[4])
+    row[12] = _load_validators(row[12])
+    row[16] = bool(row[16])
+    return SyncState(*row)
 
 
 def _dump_validators(validators: dict[str, str] | None) -> str | None:
