@@ -270,7 +270,7 @@ def test_openapi_describes_exactly_the_routes():
     assert routes == documented
 
 
-async def test_schemathesis_finds_no_server_error_and_no_schema_break(conf_dir, state_path, daemons):
+async def test_schemathesis_finds_no_server_error_and_no_schema_break(conf_dir, state_path, daemons, tmp_path):
     st = shutil.which("st") or (str(Path(sys.executable).parent / "st") if (Path(sys.executable).parent / "st").exists() else None)
     if st is None:
         pytest.skip("schemathesis (the test extra) is not installed")
@@ -281,7 +281,7 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_break(conf_dir, 
         st, "run", f"http://{d.address}/v1.0/openapi.json", "-H", f"Authorization: Bearer {KEY}",
         "--checks", "not_a_server_error,response_schema_conformance", "--max-examples", "25", "--seed", "20261130",
         "--request-timeout", "10", "--workers", "1",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=cli_env(NO_COLOR="1"))
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=cli_env(NO_COLOR="1"), cwd=tmp_path)
     out, _ = await asyncio.wait_for(proc.communicate(), 110)
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text[-3000:]
