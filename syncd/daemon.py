@@ -46,6 +46,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._recheck: asyncio.TimerHandle | None = None
+        self._inotify = True  # until watchfiles turns out not to work here
         self._invalid_files: set[Path] = set()  # files whose last load failed (their last good sync may run)
         self._ready = False
         self._store: Store | None = None
@@ -259,25 +260,71 @@ class Daemon:
         return target
 
     async def _watch_config(self) -> None:
-        """Reload when a *.toml in config_dir is added, changed or removed (stat polling)."""
-        seen = _snapshot(self.settings)
+        """Reload when a *.toml in config_dir (or api_config_dir) is added, changed or removed.
+
+        inotify (watchfiles) where the filesystem has it: nothing is statted until something
+        changes, however many files there are. Otherwise, or while a directory is missing, the
+        files are statted every WATCH_INTERVAL in a worker thread, off the event loop."""
         while True:
             try:
-                seen = await self._watch_once(seen)
+                if self._inotify and await self._watch_inotify():
+                    continue
+                seen = await asyncio.to_thread(_snapshot, self.settings)
+                await self._watch_once(seen)  # until one change: then inotify may take over again
             except Exception:  # never lose the watcher: log and keep watching
                 log.exception("config_dir watcher failed; retrying")
                 await asyncio.sleep(5)
 
+    async def _watch_inotify(self) -> bool:
+        """Watch with inotify until the set of watched directories changes (True), or say it
+        cannot (False: config_dir is missing, or inotify is not to be had here)."""
+        try:
+            import watchfiles
+        except ImportError:
+            self._inotify = False
+            return False
+        settings = self.settings
+        dirs = [d for d in (settings.config_dir, settings.api_dir) if d.is_dir()]
+        if settings.config_dir not in dirs:
+            return False
+        stop = asyncio.Event()
+        expected = set(dirs)
+
+        def relevant(change, path: str) -> bool:
+            name = Path(path).name
+            return name.endswith(".toml") and not name.startswith(".")
+
+        async def dirs_gone() -> None:
+            # A directory created or removed (api.d appears with the first API sync): watch anew.
+            while {d for d in (settings.config_dir, settings.api_dir) if d.is_dir()} == expected:
+                await asyncio.sleep(WATCH_INTERVAL * 4)
+            stop.set()
+
+        guard = asyncio.create_task(dirs_gone())
+        try:
+            async for _ in watchfiles.awatch(*dirs, watch_filter=relevant, recursive=False, stop_event=stop,
+                                             step=int(SETTLE * 1000), debounce=1500, rust_timeout=1000):
+                log.info("config_dir changed; reloading")
+                self.request_reload()
+        except (OSError, RuntimeError) as exc:
+            self._inotify = False
+            log.warning(f"cannot watch config_dir with inotify; checking its files every {WATCH_INTERVAL:g}s instead",
+                        error=str(exc))
+            return False
+        finally:
+            guard.cancel()
+        return True
+
     async def _watch_once(self, seen: dict) -> dict:
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
-            now = _snapshot(self.settings)
+            now = await asyncio.to_thread(_snapshot, self.settings)
             if now == seen:
                 continue
             # Wait until the directory settles: editors write temporaries and rename them into place.
             for _ in range(10):
                 await asyncio.sleep(SETTLE)
-                again = _snapshot(self.settings)
+                again = await asyncio.to_thread(_snapshot, self.settings)
                 if again == now:
                     break
                 now = again
