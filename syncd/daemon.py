@@ -39,7 +39,7 @@ class Daemon:
     def __init__(self, settings: Settings, *, notifier: Notifier | None = None) -> None:
         self.settings = settings
         self.notifier = notifier or Notifier({})
-        self.metrics = Metrics()
+        self.metrics = Metrics(per_sync_histograms=settings.per_sync_histograms)
         self.registry = Registry()
         self._file_ids: dict[Path, str] = {}  # file -> id of its last good version
         self._targets: dict[str, Target] = {}  # every sync seen, removed ones included
@@ -354,7 +354,7 @@ class Daemon:
         if not m.known(sid):
             return
         m.polls.labels(sid).inc()
-        m.poll_duration.labels(sid).observe(result.duration)
+        m.poll_histogram(sid).observe(result.duration)
         if not result.ok:
             m.poll_failures.labels(sid).inc()
             m.sync_up.labels(sid).set(0)

@@ -278,7 +278,7 @@ class Deliverer:
             return Outcome(event, False, None, describe_error(exc, self.timeout.total, "webhook_timeout"))
         finally:
             if self.metrics is not None and self.metrics.known(event.sync_id):
-                self.metrics.delivery_duration.labels(event.sync_id).observe(time.perf_counter() - t0)
+                self.metrics.delivery_histogram(event.sync_id).observe(time.perf_counter() - t0)
 
     async def _writer(self) -> None:
         """Persist outcomes in batches: one transaction for everything that finished meanwhile.
