@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -100,10 +101,17 @@ async def _serve(app: web.Application) -> tuple[web.AppRunner, int]:
 
 
 async def run_demo(args: argparse.Namespace) -> int:
-    from syncd import logs
+    from syncd import config, logs
     from syncd.cli import _serve as serve_daemon
 
-    interval = parse_duration(args.interval)
+    try:
+        interval = parse_duration(args.interval)
+    except ValueError as exc:
+        print(f"syncd demo: --interval: {exc}", file=sys.stderr)
+        return 2
+    if not config.MIN_INTERVAL <= interval <= 3600:
+        print(f"syncd demo: --interval must be between {config.MIN_INTERVAL:g}s and 1h", file=sys.stderr)
+        return 2
     rnd = random.Random()
     secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
     api, receiver = FakeApi(rnd), Receiver(secret)

@@ -549,7 +549,8 @@ class Store:
             if commit.tally is not None:
                 await self._open_tally(conn, run, commit.tally, commit.events)
             pending = (await (await conn.execute(
-                "SELECT count(*) FROM records WHERE sync_id = ? AND missing > 0", (sid,))).fetchone())[0]
+                "SELECT count(*) FROM records INDEXED BY records_missing WHERE sync_id = ? AND missing > 0",
+                (sid,))).fetchone())[0]
             changed = commit.changed or commit.replace_all or bool(commit.upserts) or bool(commit.deletes)
             cursor = await conn.execute(
                 """

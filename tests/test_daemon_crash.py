@@ -14,7 +14,9 @@ Set-up (everything on 127.0.0.1, in the test's event loop, never blocked by it):
     table `emitted`. It runs inside syncd's own transaction, so `emitted` holds exactly the committed
     events, in `seq` order, including those delivered (deleted from the outbox) long ago.
 
-Rounds: start `python -m syncd run`, let it poll and deliver, SIGKILL it - either from inside the
+Rounds: start `syncd run` (a real process, forked by conftest.ForkServer from a Python that has
+imported syncd already: the CLI's `main(["run", ...])`, as `python -m syncd run` runs it, minus
+~0.6 s of start-up per round), let it poll and deliver, SIGKILL it - either from inside the
 receiver while it holds a delivery in flight, or at a random moment - and start it again. A final
 round stops the mutations, lets the daemon catch up (a poll started after the last mutation, nothing
 pending) and stops it with SIGTERM (exit 0).
@@ -47,9 +49,10 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import cli_env
 
 from syncd.store import Store
+
+from conftest import ForkedProcess, ForkServer, cli_env, send_signal
 
 SYNC_ID = "crashy"
 SEED = 20240917
@@ -176,19 +179,21 @@ class Round:
 
 @dataclass
 class Daemon:
-    proc: asyncio.subprocess.Process
+    proc: asyncio.subprocess.Process | ForkedProcess
     log: Path
-    logfile: Any = field(repr=False)
+    logfile: Any = field(default=None, repr=False)
 
     def signal(self, sig: int) -> None:
-        if self.proc.returncode is None:
-            try:
-                self.proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
+        # Never `self.proc.send_signal()`: on a daemon that has just died (killed a moment ago from
+        # the receiver) it reaps the child behind asyncio's back and the exit status reads 255.
+        send_signal(self.proc, sig)
 
     async def wait(self, timeout: float) -> int:
         return await asyncio.wait_for(self.proc.wait(), timeout)
+
+    def close(self) -> None:
+        if self.logfile is not None:
+            self.logfile.close()
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -197,13 +202,21 @@ class Daemon:
             return "(no log)"
 
 
-async def start_daemon(conf_dir: Path, state_path: Path, log: Path) -> Daemon:
+DAEMON_ARGS = ("--listen", "127.0.0.1:0", "--webhook-retry-schedule", "100ms,200ms", "--log-format", "json",
+               "--shutdown-timeout", "5s")
+
+
+async def start_daemon(conf_dir: Path, state_path: Path, log: Path, forks: ForkServer | None = None) -> Daemon:
+    """`syncd run`, logging to `log`: forked by `forks` (see conftest.ForkServer: a real process,
+    without ~0.6 s of interpreter start-up and imports per round), else `python -m syncd run`."""
+    args = ("run", "--config-dir", str(conf_dir), "--state-path", str(state_path), *DAEMON_ARGS)
+    if forks is not None:
+        log.write_bytes(b"")
+        return Daemon(await forks.spawn(*args, stdout=log, stderr=log), log)
     logfile = open(log, "wb")
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "syncd", "run",
-            "--config-dir", str(conf_dir), "--state-path", str(state_path), "--listen", "127.0.0.1:0",
-            "--webhook-retry-schedule", "100ms,200ms", "--log-format", "json", "--shutdown-timeout", "5s",
+            sys.executable, "-m", "syncd", *args,
             stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=logfile, env=cli_env(),
         )
     except BaseException:
@@ -265,7 +278,8 @@ def _limited(items, n: int = 8) -> str:
 # -- the test ---------------------------------------------------------------------------------
 
 @pytest.mark.timeout(120)
-async def test_sigkill_during_deliveries_loses_nothing_and_keeps_record_order(upstream, receiver, conf_dir, state_path, tmp_path):
+async def test_sigkill_during_deliveries_loses_nothing_and_keeps_record_order(upstream, receiver, conf_dir, state_path, tmp_path,
+                                                                              fork_server):
     rng = random.Random(SEED)
     source = Source(random.Random(rng.random()), upstream)
     hook = Hook(random.Random(rng.random()))
@@ -288,7 +302,7 @@ async def test_sigkill_during_deliveries_loses_nothing_and_keeps_record_order(up
             mode = "in-flight" if rng.random() < 0.7 else "timed"
             rnd = Round(number, mode, tmp_path / f"daemon-{number}.log")
             rounds.append(rnd)
-            daemon = await start_daemon(conf_dir, state_path, rnd.log)
+            daemon = await start_daemon(conf_dir, state_path, rnd.log, fork_server)
             await wait_started(daemon)
             killed = asyncio.Event()
 
@@ -308,11 +322,12 @@ async def test_sigkill_during_deliveries_loses_nothing_and_keeps_record_order(up
                 hook.countdown = hook.on_countdown = None
             else:
                 await asyncio.sleep(rng.uniform(0.3, 1.5))
-            kill()
+            if not killed.is_set():
+                kill()
             rnd.rc = await daemon.wait(10)
             assert rnd.rc == -signal.SIGKILL, \
                 f"round {number}: the daemon exited with {rnd.rc} before it was killed:\n{daemon.tail()}"
-            daemon.logfile.close()
+            daemon.close()
             daemon = None
             (rnd.pending_after,), = await query(state_path, "SELECT COUNT(*) FROM outbox WHERE dead_at IS NULL")
             (rnd.emitted_after,), = await query(state_path, "SELECT COUNT(*) FROM emitted")
@@ -323,7 +338,7 @@ async def test_sigkill_during_deliveries_loses_nothing_and_keeps_record_order(up
         last_mutation = source.last_mutation
         final = Round(KILL_ROUNDS, "final", tmp_path / "daemon-final.log")
         rounds.append(final)
-        daemon = await start_daemon(conf_dir, state_path, final.log)
+        daemon = await start_daemon(conf_dir, state_path, final.log, fork_server)
         await wait_started(daemon)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + FINAL_TIMEOUT
@@ -349,7 +364,7 @@ async def test_sigkill_during_deliveries_loses_nothing_and_keeps_record_order(up
         daemon.signal(signal.SIGTERM)
         final.rc = await daemon.wait(15)
         assert final.rc == 0, f"SIGTERM: the daemon exited with {final.rc}, expected 0:\n{daemon.tail()}"
-        daemon.logfile.close()
+        daemon.close()
         daemon = None
     finally:
         stop_mutating.set()
@@ -361,7 +376,7 @@ async def test_sigkill_during_deliveries_loses_nothing_and_keeps_record_order(up
             try:
                 await daemon.wait(10)
             finally:
-                daemon.logfile.close()
+                daemon.close()
     elapsed = time.monotonic() - t_start
 
     # -- what was committed, what is left, what the receiver saw ------------------------------

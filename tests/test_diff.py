@@ -32,7 +32,7 @@ def canonical(record) -> bytes:
     return orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(records, min_size=1, max_size=6), st.randoms(use_true_random=False))
 def test_replaying_events_reconstructs_every_state(states, rnd):
     stored: dict[str, bytes] = {}
@@ -99,7 +99,7 @@ def _spell(steps) -> str:
     return "$" + "".join(f"[{s}]" if isinstance(s, int) else f"['{s}']" for s in steps)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(json_values, step_lists)
 def test_id_lookup_matches_the_jsonpath_fast_path(value, steps):
     from syncd.diff import _getter

@@ -276,6 +276,7 @@ async def test_a_dangling_or_looping_symlink_is_a_problem(conf_dir, upstream):
     ("", 'headers = { "X-Token" = "${TOKEN}" }', {"TOKEN": "abc\r\nX-Injected: 1"}, "api_details.headers.X-Token"),
     ("", 'headers = { "X-Token" = "${TOKEN}" }', {"TOKEN": "abc\ndef"}, "api_details.headers.X-Token"),
     ("", 'headers = { Authorization = "Bearer x" }', {}, "api_details.base_url"),
+    ('interval = "500ms"', "", {}, "interval"),
     ('interval = "8d"', "", {}, "interval"),
     ('timeout = "50ms"', "", {}, "timeout"),
     ('timeout = "2h"', "", {}, "timeout"),

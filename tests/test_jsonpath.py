@@ -311,7 +311,7 @@ def render(draw: Any, steps: list[str | int]) -> str:
     return out
 
 
-@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data(), json_docs)
 def test_plain_paths_match_jsonpath_rw_random(data: st.DataObject, doc: Any) -> None:
     steps = data.draw(steps_into(doc))
@@ -455,7 +455,7 @@ non_plain_parts = st.sampled_from(
 )
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(st.lists(non_plain_parts, min_size=1, max_size=4), json_docs)
 def test_non_plain_paths_random(parts: list[str], doc: Any) -> None:
     text = "$" + "".join(parts)

@@ -252,7 +252,7 @@ async def test_every_metric_used_is_exported_by_a_running_daemon(upstream, recei
     upstream.body = {"items": [{"id": 1, "v": 1}, {"id": 2, "v": 1}]}
     (conf_dir / "orders.toml").write_text(
         f'webhook_url = "{receiver.url}/hook"\nlist_identifier = "$.items"\nrecord_identifier = "$.id"\n'
-        f'interval = "500ms"\n\n[api_details]\nbase_url = "{upstream.url}"\npath = "/orders"\n'
+        f'interval = "1s"\n\n[api_details]\nbase_url = "{upstream.url}"\npath = "/orders"\n'
     )
     d = await daemons("--config-dir", str(conf_dir), "--state-path", str(state_path))
     await wait_for(lambda: len(receiver.delivered()) == 2, timeout=10)
