@@ -257,21 +257,6 @@ class _Run:
     dry_run: bool
     initial: bool
     rebaseline: bool
-    same_shape: bool
-
-
-@dataclass
-class _Run:
-    """What one poll knows before it commits."""
-
-    sync: Sync
-    store: Store | None
-    state: Any
-    result: RunResult
-    started: float
-    dry_run: bool
-    initial: bool
-    rebaseline: bool
     #: The byte-identical and 304 short cuts apply: same shape, and no deletion is waiting to be
     #: confirmed (a response identical to the last one must still count a missing record again).
     short_cuts: bool
