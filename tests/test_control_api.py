@@ -165,7 +165,7 @@ async def test_pause_resume_trigger_stop_and_restart(upstream, receiver, conf_di
     assert status == 200 and answer["data"]["paused"] is True
     await asyncio.sleep(0.3)  # a poll under way may finish
     hits = len(upstream.hits(path))
-    await asyncio.sleep(2.5)
+    await asyncio.sleep(1.6)  # more than the 1 s interval (with its 10% jitter)
     assert len(upstream.hits(path)) == hits  # paused: no polls
     status, answer = await call(d.address, "POST", "sync.custom.trigger", {"syncJobId": "employees"})
     assert status == 409 and "paused" in answer["error"]["msg"]
@@ -174,7 +174,7 @@ async def test_pause_resume_trigger_stop_and_restart(upstream, receiver, conf_di
     # Pause state and API-created syncs survive a restart.
     assert await d.stop() == 0
     d = await daemons(*base, env=env())
-    await asyncio.sleep(2)
+    await asyncio.sleep(1.6)
     assert len(upstream.hits(path)) == hits
     status, answer = await call(d.address, "GET", "sync.custom.get?syncJobId=employees")
     assert status == 200 and answer["data"]["paused"] is True and answer["data"]["origin"] == "api"
