@@ -282,14 +282,27 @@ class Fetch:
                 raise _Transient(describe_error(exc, self.timeout.total)) from None
         raise FetchError(f"{method} {self._display(url)}: more than {MAX_REDIRECTS} redirects")
 
-    async def _read(self, resp: aiohttp.ClientResponse, where: str) -> bytes:
+    async def _read(self, resp: aiohttp.ClientResponse, where: str) -> bytes | bytearray:
         budget = self.budget
         cap = f"max_response_bytes ({self.source.max_bytes} bytes" + (", all pages together)" if self.api.pagination else ")")
         if resp.content_length is not None and resp.content_length > budget:
             raise FetchError(f"{where}: response of {resp.content_length} bytes exceeds {cap}; "
                              "raise the setting if this is expected")
         if resp.content_length is not None and not resp.headers.get("Content-Encoding"):
-            body = await resp.read()  # length known and checked: one read, no chunk list to join
+            # Length known and checked: read straight into a buffer of that size, so the body is
+            # never held twice (chunks plus their join): a 30 MB body peaks at 30 MB, not 60.
+            body = bytearray(resp.content_length)
+            view = memoryview(body)
+            filled = 0
+            async for chunk in resp.content.iter_any():
+                end = filled + len(chunk)
+                if end > len(body):
+                    raise FetchError(f"{where}: the response is longer than its Content-Length ({len(body)} bytes)")
+                view[filled:end] = chunk
+                filled = end
+            view.release()
+            if filled != len(body):
+                raise _Transient(f"the response ended after {filled} of its {len(body)} bytes")
         else:
             chunks: list[bytes] = []
             size = 0
