@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -14,7 +15,9 @@ from syncd.metrics import Metrics
 def build_app(metrics: Metrics, *, ready: Callable[[], tuple[bool, str]],
               syncs_status: Callable[[], Awaitable[list[dict]]]) -> web.Application:
     async def metrics_handler(request: web.Request) -> web.Response:
-        body = generate_latest(metrics.registry)
+        # In a worker thread: with thousands of syncs the text takes a second or more to render,
+        # which must not stop polls and deliveries (prometheus_client's collect is thread-safe).
+        body = await asyncio.to_thread(generate_latest, metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(request: web.Request) -> web.Response:
