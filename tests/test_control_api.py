@@ -287,3 +287,18 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_break(conf_dir, 
     assert proc.returncode == 0, text[-3000:]
     assert "passed" in text
     assert await d.stop() == 0
+
+
+def test_api_keys_from_the_credentials_directory(tmp_path, monkeypatch):
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "api_keys").write_text("# one key a line\nfirst-key-0123456789\n\nsecond-key-0123456789\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    settings = load_settings({})
+    assert [k.get_secret_value() for k in settings.api_keys] == ["first-key-0123456789", "second-key-0123456789"]
+    assert "first-key" not in repr(settings)
+    monkeypatch.setenv("SYNCD_API_KEYS", "short")
+    from syncd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="at least 16 characters"):
+        load_settings({})
