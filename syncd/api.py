@@ -23,7 +23,6 @@ from yarl import URL
 
 from syncd import tomlw
 from syncd.config import Sync, load_file, parse_definition, scrub
-from syncd.errors import Problem
 from syncd.events import new_id
 
 if TYPE_CHECKING:
@@ -40,6 +39,15 @@ _API_KEYS = ("apiDetails", "api_details")
 _BASE_KEYS = ("baseUrl", "baseURL", "base_url")
 _WEBHOOK_KEYS = ("webhookURL", "webhookUrl", "webhook_url")
 _SECRET_FIELDS = {"token", "password", "value", "client_secret", "webhook_secret", "webhookSecret", "clientSecret"}
+
+
+def key_matches(given: bytes, keys: list[bytes]) -> bool:
+    """Whether `given` is one of `keys`, compared with every key in constant time (no early exit
+    whose timing would tell how much of a key was right)."""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(given, key)
+    return found
 
 
 class ApiError(Exception):
@@ -138,11 +146,7 @@ class ControlAPI:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             return False
-        given = token.strip().encode()
-        found = False
-        for key in self._keys:  # compare with every key, constant time: no early exit to time
-            found |= hmac.compare_digest(given, key)
-        return found
+        return key_matches(token.strip().encode(), self._keys)
 
     async def _json(self, request: web.Request) -> Any:
         body = await request.read()
@@ -313,5 +317,3 @@ def scrub_definition(sync: Sync) -> dict[str, Any]:
     return orjson.loads(text)
 
 
-def problems_text(problems: list[Problem]) -> list[str]:
-    return [f"{p.key}: {p.reason}" for p in problems]

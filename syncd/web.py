@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import html
 import time
 from typing import TYPE_CHECKING, Any
@@ -133,10 +132,9 @@ class WebPage:
                 given = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
             except ValueError:
                 given = b""
-        found = False
-        for key in self._keys:
-            found |= hmac.compare_digest(given, key)
-        return found
+        from syncd.api import key_matches
+
+        return key_matches(given, self._keys)
 
     def _deny(self) -> web.Response:
         return web.Response(status=401, text="syncd: an API key is needed (any user name, the key as password)\n",
