@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import base64
 import os
-import sqlite3
 import sys
 from datetime import UTC
 from pathlib import Path
@@ -24,7 +23,7 @@ EX_CONFIG = 78  # sysexits.h EX_CONFIG: systemd's RestartPreventExitStatus=78 st
 _SETTINGS_HELP_GROUP = "settings (each also SYNCD_<NAME> in the environment or <name> in the settings file)"
 
 
-#: The settings each command uses (besides config_dir and state_path, which every command takes).
+#: The settings each command uses (besides config_dir, state_path and state_url, which every command takes).
 #: Its --help lists these only; the others still apply from the environment and the settings file.
 #: `run` and `check` (which validates what `run` would use, like nginx -t) take every setting.
 _COMMAND_SETTINGS = {
@@ -49,7 +48,7 @@ def _settings_parser(command: str | None = None) -> argparse.ArgumentParser:
     from syncd.units import format_duration
 
     for name, info in Settings.model_fields.items():
-        if wanted is not None and name not in wanted | {"config_dir", "state_path"}:
+        if wanted is not None and name not in wanted | {"config_dir", "state_path", "state_url"}:
             continue
         if name == "integrations":
             continue  # tables: the settings file only
@@ -266,9 +265,9 @@ async def _once(settings: Settings, sync_id: str, dry_run: bool, accept_deletes:
 
     store = None
     if not dry_run:
-        store = await _open_store(settings.state_path, fallback_readonly=False)
-    elif settings.state_path.exists():
-        store = await _open_store(settings.state_path, readonly=True)
+        store = await _open_store(settings, fallback_readonly=False)
+    elif settings.state_url is not None or settings.state_path.exists():
+        store = await _open_store(settings, readonly=True)
     for warning in load_warnings(sync):
         print(f"warning: {sync.file}: {warning}", file=sys.stderr)
     try:
@@ -349,7 +348,7 @@ async def _serve(settings: Settings, daemon=None) -> int:
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
-    from syncd.store import StateLocked
+    from syncd.store import StateLocked, StoreError
 
     try:
         await daemon.run()
@@ -360,9 +359,9 @@ async def _serve(settings: Settings, daemon=None) -> int:
         log.error("cannot start", error=str(exc),
                   hint="check --listen (is the port free?) and that state_path's directory is writable")
         return EX_FAILURE
-    except sqlite3.DatabaseError as exc:
-        log.error("cannot use the state database", state_path=str(settings.state_path), error=str(exc),
-                  hint="is state_path an SQLite file syncd wrote? restore it from a backup, or move it away to start afresh")
+    except StoreError as exc:
+        log.error("cannot use the state database", state=settings.state_location, error=str(exc),
+                  hint=state_error(settings, exc))
         return EX_FAILURE
     return EX_OK
 
@@ -371,53 +370,72 @@ class StateUnusable(Exception):
     """The state database cannot be used; the message says why and what to do, in one line."""
 
 
-def state_error(path: Path, exc: BaseException) -> str:
-    """One line about a state database that cannot be used: which file, why, and what to do."""
+def state_error(settings: Settings, exc: BaseException) -> str:
+    """One line about a state database that cannot be used: which, why, and what to do."""
+    from syncd.store import StoreError
+
+    where = settings.state_location
     text = str(exc)
-    low = text.lower()
-    if isinstance(exc, PermissionError) or "readonly" in low or "read-only" in low or "unable to open" in low:
-        return (f"cannot write the state database {path} ({text}): run as the user that owns it "
+    kind = exc.kind if isinstance(exc, StoreError) else "readonly" if isinstance(exc, PermissionError) else "other"
+    if settings.state_url is not None:
+        if kind == "unavailable":
+            return (f"cannot reach the PostgreSQL state database {where} ({text}): check that the server runs and "
+                    "accepts this user (state_url), and the network between them")
+        if kind == "readonly":
+            return (f"PostgreSQL refused a write to the state database {where} ({text}): grant this user CREATE and "
+                    "write rights on the database (state_url)")
+        if kind == "schema":
+            return text
+        return f"cannot use the PostgreSQL state database {where}: {text}"
+    if kind == "readonly":
+        return (f"cannot write the state database {where} ({text}): run as the user that owns it "
                 f"(e.g. sudo -u syncd syncd ...), or check its and its directory's permissions")
-    if "locked" in low:
-        return f"the state database {path} stayed locked by another process ({text}); try again"
-    if "full" in low:
-        return f"the state database {path} cannot grow: {text}; free disk space where it lives"
-    if "schema version" in low:
+    if kind == "locked":
+        return f"the state database {where} stayed locked by another process ({text}); try again"
+    if kind == "full":
+        return f"the state database {where} cannot grow: {text}; free disk space where it lives"
+    if kind == "schema":
         return text
-    if isinstance(exc, sqlite3.DatabaseError):
-        return (f"{path} is not a usable SQLite state database ({text}): restore it from a backup, or move it "
+    if kind == "corrupt":
+        return (f"{where} is not a usable SQLite state database ({text}): restore it from a backup, or move it "
                 "away to start afresh (its fingerprints and queued webhooks are then lost)")
-    return f"cannot use the state database {path}: {text}"
+    return f"cannot use the state database {where}: {text}"
 
 
-async def _open_store(path: Path, *, readonly: bool = False, fallback_readonly: bool = True):
-    """Open the state database, or raise StateUnusable with a one-line reason. A database the user
-    may read but not write is opened read-only (enough for status and deliveries list)."""
-    from syncd.store import Store
+async def _open_store(settings: Settings, *, readonly: bool = False, fallback_readonly: bool = True):
+    """Open the state database, or raise StateUnusable with a one-line reason. An SQLite file the
+    user may read but not write is opened read-only (enough for status and deliveries list)."""
+    from syncd.store import StoreError, open_store
 
+    path = settings.state_path
+    url = settings.state_url.get_secret_value() if settings.state_url is not None else None
+    options = dict(pool_size=2, lease_ttl=settings.lease_ttl, instance_id=f"cli:{os.getpid()}") if url else {}
     try:
-        return await Store.open(path, readonly=readonly)
-    except (sqlite3.Error, OSError) as exc:
-        if fallback_readonly and not readonly and path.exists() and os.access(path, os.R_OK) and not os.access(path, os.W_OK):
+        return await open_store(state_path=path, state_url=url, readonly=readonly, **options)
+    except (StoreError, OSError) as exc:
+        if (not url and fallback_readonly and not readonly and path.exists() and os.access(path, os.R_OK)
+                and not os.access(path, os.W_OK)):
             try:
-                return await Store.open(path, readonly=True)
-            except (sqlite3.Error, OSError):
+                return await open_store(state_path=path, readonly=True)
+            except (StoreError, OSError):
                 pass
-        raise StateUnusable(state_error(path, exc)) from None
+        raise StateUnusable(state_error(settings, exc)) from None
 
 
 def _with_store(settings: Settings, fn):
     """`await fn(store)` on the state database; None (after saying why) when there is none yet."""
+    from syncd.store import StoreError
+
     async def go():
-        if not settings.state_path.exists():
+        if settings.state_url is None and not settings.state_path.exists():
             print(f"syncd: no state database at {settings.state_path} yet (nothing has run; check --state-path)",
                   file=sys.stderr)
             return None
-        store = await _open_store(settings.state_path)
+        store = await _open_store(settings)
         try:
             return await fn(store)
-        except sqlite3.Error as exc:
-            raise StateUnusable(state_error(settings.state_path, exc)) from None
+        except StoreError as exc:
+            raise StateUnusable(state_error(settings, exc)) from None
         finally:
             await store.close()
 
@@ -467,26 +485,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     invalid = {declared_id(Path(p.source)) for p in problems if p.source.endswith(".toml")}
 
     async def collect(store):
-        return await store.all_states(), await store.outbox_stats(), await store.paused()
+        lease_owners = getattr(store, "lease_owners", None)
+        owners = await lease_owners() if lease_owners is not None else {}
+        return await store.all_states(), await store.outbox_stats(), await store.paused(), owners
 
-    states, stats, paused = _with_store(settings, collect) or ([], {}, set())
+    states, stats, paused, owners = _with_store(settings, collect) or ([], {}, set(), {})
     by_id = {s.sync_id: s for s in states}
     out = []
     for sync_id in sorted(set(syncs) | set(by_id) | invalid):
         definition = "ok" if sync_id in syncs else "invalid" if sync_id in invalid else "removed"
         out.append(sync_view(sync_id, sync=syncs.get(sync_id), state=by_id.get(sync_id), stats=stats.get(sync_id),
-                             definition=definition, paused=sync_id in paused))
+                             definition=definition, paused=sync_id in paused, owner=owners.get(sync_id)))
     if args.json:
         sys.stdout.buffer.write(orjson.dumps({"syncs": out}, option=orjson.OPT_INDENT_2) + b"\n")
         return EX_OK
     if not out:
-        print(f"no syncs in {settings.config_dir} and no state in {settings.state_path}")
+        print(f"no syncs in {settings.config_dir} and no state in {settings.state_location}")
         return EX_OK
     label = {"ok": "", "invalid": " (invalid file)", "removed": " (removed)"}
     rows = [[o["id"] + label[o["definition"]] + (" (paused)" if o["paused"] else ""), o.get("origin", "-"),
              _fmt_iso(o["last_run_at"]), o["last_outcome"] or "never run", str(o["records"]), str(o["pending_events"]),
              str(o["dead_events"]), _deletes(o), (o["last_error"] or "")[:80]] for o in out]
-    print(_table(rows, ["SYNC", "ORIGIN", "LAST RUN", "OUTCOME", "RECORDS", "PENDING", "DEAD", "DELETES", "LAST ERROR"]))
+    header = ["SYNC", "ORIGIN", "LAST RUN", "OUTCOME", "RECORDS", "PENDING", "DEAD", "DELETES", "LAST ERROR"]
+    if settings.state_url is not None:  # several instances: which one polls each sync
+        header.insert(2, "OWNER")
+        for row, o in zip(rows, out, strict=True):
+            row.insert(2, o["owner"] or "-")
+    print(_table(rows, header))
     for o in out:
         if o["last_warning"]:
             print(f"warning: {o['id']}: {o['last_warning']}")
@@ -501,7 +526,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
 
     found = _with_store(settings, lambda store: store.reset(args.sync_id))
     if not found:
-        print(f"syncd: no state for sync {args.sync_id!r} in {settings.state_path}; nothing to reset", file=sys.stderr)
+        print(f"syncd: no state for sync {args.sync_id!r} in {settings.state_location}; nothing to reset", file=sys.stderr)
         return EX_USAGE
     print(f"reset {args.sync_id}: fingerprints forgotten; its next run is an initial sync (every record sent as record.new)")
     return EX_OK

@@ -1,9 +1,10 @@
 """Webhook delivery from the outbox: at least once, signed, ordered per record, retried, dead letters.
 
-A dispatcher claims due events (only the oldest undelivered event of each record), workers POST
-them with bounded concurrency, and one writer persists outcomes in batches. A record stays
-claimed until its outcome is committed, so the next event of that record is never sent before
-the earlier one is recorded as delivered or dead — not even across a crash.
+A dispatcher claims due events from the store (only the oldest undelivered event of each record),
+workers POST them with bounded concurrency, and one writer persists outcomes in batches. A record
+stays claimed until its outcome is committed, so the next event of that record is never sent
+before the earlier one is recorded as delivered or dead: not across a crash, and (PostgreSQL) not
+by another instance.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from syncd.events import LIFECYCLE_KEY, EventType, lifecycle
 from syncd.http import USER_AGENT, describe_error, error_snippet, parse_retry_after
 from syncd.metrics import Metrics
 from syncd.signing import sign_headers
-from syncd.store import OutboxEvent, PendingEvent, Store
+from syncd.store import OutboxEvent, PendingEvent, StateStore
 
 log = structlog.get_logger("syncd.delivery")
 
@@ -65,7 +66,7 @@ def next_delay(attempts: int, schedule: list[float], retry_after: float | None, 
 class Deliverer:
     """Delivers the outbox until `stop` is set. Embeddable: `await Deliverer(...).run(stop)`."""
 
-    def __init__(self, store: Store, session: aiohttp.ClientSession, *, concurrency: int, timeout: float,
+    def __init__(self, store: StateStore, session: aiohttp.ClientSession, *, concurrency: int, timeout: float,
                  schedule: list[float], target: Callable[[str], Target], metrics: Metrics | None = None,
                  drain_timeout: float = 10.0) -> None:
         self.store = store
@@ -77,8 +78,7 @@ class Deliverer:
         self.metrics = metrics
         #: At stop, how long in-flight attempts may take before they are cancelled (and stay queued).
         self.drain_timeout = drain_timeout
-        self._claimed: set[int] = set()  # seqs read and not yet committed
-        self._claimed_records: set[tuple[str, str]] = set()
+        self._claimed: set[int] = set()  # seqs claimed from the store and not yet settled
         self._claims_by_sync: Counter[str] = Counter()
         self._busy_by_sync: Counter[str] = Counter()
         self._shared_cap = max(1, concurrency * 3 // 4)
@@ -97,6 +97,7 @@ class Deliverer:
         self._settled.set()  # look once at start (a crash may have left a run unannounced)
         self._in_flight = 0
         self._cancelled = 0  # attempts cut off at shutdown
+        self._unsettled: list[PendingEvent] = []  # their events, given back to the store at the end
         self.delivered = 0
         self.failed_attempts = 0
 
@@ -126,6 +127,11 @@ class Deliverer:
                 await asyncio.wait_for(self._results.join(), max(self.drain_timeout, 1.0))
             except TimeoutError:
                 log.error("could not record the last delivery outcomes before stopping; those events will be sent again")
+            if self._unsettled:
+                try:
+                    await self.store.release(self._unsettled)
+                except Exception:  # they are claimable again once this instance is gone
+                    log.warning("could not give back the claims of cancelled deliveries", events=len(self._unsettled))
             for task in (writer, stopper, announcer):
                 task.cancel()
             await asyncio.gather(writer, stopper, announcer, return_exceptions=True)
@@ -143,6 +149,9 @@ class Deliverer:
             timeout = IDLE_RECHECK
             try:
                 now = time.time()
+                if self._unsettled and not self._stopping:
+                    dropped, self._unsettled = self._unsettled, []
+                    await store.release(dropped)
                 if now - self._due_syncs_at > SYNC_LIST_REFRESH:
                     self._due_syncs, self._due_syncs_at = await store.due_syncs(now), now
                 # A sync with due events and nothing claimed is starving behind the others' backlog.
@@ -192,16 +201,13 @@ class Deliverer:
             room = min(BATCH, cap - held) if shared else BATCH
             if room <= 0:
                 continue
-            rows = await self.store.due_events(now, held + room, sync_id=sync_id if shared else None)
-            fresh = [e for e in rows if e.seq not in self._claimed and (e.sync_id, e.record_id) not in self._claimed_records]
-            batches.append(fresh[:room])
+            batches.append(await self.store.claim_due(now, room, sync_id=sync_id if shared else None))
         found = 0
         for group in itertools.zip_longest(*batches):
             for event in group:
                 if event is None:
                     continue
                 self._claimed.add(event.seq)
-                self._claimed_records.add((event.sync_id, event.record_id))
                 self._claims_by_sync[event.sync_id] += 1
                 self._ready.append(event)
                 found += 1
@@ -231,6 +237,13 @@ class Deliverer:
                 async with work:
                     await work.wait()  # the feeder found more, or stop
                 continue
+            if not self.store.claim_valid(event):
+                # This instance's claim may have passed to another (its heartbeat lapsed: paused,
+                # or cut off from the database): sending now could overtake a later event.
+                self._release([event])
+                self._unsettled.append(event)
+                self._wake.set()
+                continue
             if len(self._ready) < self.concurrency:
                 self._wake.set()  # running low: let the feeder look for more
             self._in_flight += 1
@@ -241,6 +254,7 @@ class Deliverer:
                 # Shutdown: the attempt's result is unknown; the event stays queued and is sent again.
                 self._cancelled += 1
                 self._release([event])
+                self._unsettled.append(event)
                 raise
             except Exception as exc:  # a bug must cost one attempt, never the worker or the claim
                 log.exception("delivery attempt failed with an internal error; please report it",
@@ -380,7 +394,6 @@ class Deliverer:
         for e in events:
             if e.seq in self._claimed:
                 self._claimed.discard(e.seq)
-                self._claimed_records.discard((e.sync_id, e.record_id))
                 self._claims_by_sync[e.sync_id] -= 1
                 if self._claims_by_sync[e.sync_id] <= 0:
                     del self._claims_by_sync[e.sync_id]

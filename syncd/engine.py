@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
-import sqlite3
 import threading
 import time
 from contextlib import contextmanager
@@ -28,7 +27,17 @@ from syncd.records import dumps as exact_dumps
 from syncd.records import parse_document, parse_json
 from syncd.source.fetcher import Fetch, Page, Source
 from syncd.source.paginate import next_page_hint
-from syncd.store import Commit, OutboxEvent, RunRecord, StateConflict, Store, body_dictionary, compress_body
+from syncd.store import (
+    Commit,
+    LeaseLost,
+    OutboxEvent,
+    RunRecord,
+    StateConflict,
+    StateStore,
+    StoreError,
+    body_dictionary,
+    compress_body,
+)
 from syncd.units import iso_time
 
 log = structlog.get_logger("syncd.engine")
@@ -67,6 +76,8 @@ class RunResult:
     deletes_held: int = 0
     #: Records missing but not deleted yet (confirm_deletes_after), after this run.
     pending_deletes: int = 0
+    #: The instance lost the sync's lease during the run: its results were discarded (PostgreSQL).
+    lease_lost: bool = False
 
     @property
     def ok(self) -> bool:
@@ -203,7 +214,7 @@ class DeletesHeld(RunError):
         self.held = held
 
 
-async def poll(sync: Sync, store: Store | None, source: Source, *, dry_run: bool = False,
+async def poll(sync: Sync, store: StateStore | None, source: Source, *, dry_run: bool = False,
                accept_deletes: bool = False) -> RunResult:
     """Run one poll of `sync` and commit its outcome (unless `dry_run`). Never raises for a failed
     run. `accept_deletes`: commit even a run that max_delete_fraction would hold."""
@@ -228,19 +239,27 @@ async def poll(sync: Sync, store: Store | None, source: Source, *, dry_run: bool
             if isinstance(exc, DeletesHeld):
                 result.deletes_held = exc.held
             log.warning("poll failed", stage=exc.stage, error=exc.reason)
-        except sqlite3.Error as exc:
+        except LeaseLost as exc:
+            # Another instance owns the sync now: it polls it; nothing of this run is kept.
+            result.outcome, result.error, result.events = "failed", f"lease lost: {exc}", []
+            result.lease_lost = True
+            log.warning("poll discarded: this instance no longer holds the sync's lease", error=str(exc))
+        except StoreError as exc:
             result.outcome, result.error, result.events = "failed", f"state database: {exc}", []
             log.error("poll failed: the state database refused it", error=str(exc),
-                      hint="check state_path's disk space and permissions; another process may hold a lock")
+                      hint="check the state database's disk space, permissions and reachability; another process "
+                           "may hold a lock")
         except Exception as exc:  # a bug must fail this run only, never the daemon or other syncs
             result.outcome, result.error, result.events = "failed", f"internal error: {type(exc).__name__}: {scrub(str(exc), sync.secrets)}", []
             log.exception("poll failed with an internal error; please report it", error=result.error)
         result.duration = time.perf_counter() - t0
-        if result.outcome == "failed" and store is not None and not dry_run:
+        if result.outcome == "failed" and store is not None and not dry_run and not result.lease_lost:
             try:
                 await store.record_run(_run_record(result, started), not_before=result.not_before,
                                        deletes_held=result.deletes_held)
-            except sqlite3.Error as exc:
+            except LeaseLost:
+                log.warning("failed poll not recorded: this instance no longer holds the sync's lease")
+            except StoreError as exc:
                 log.error("could not record the failed poll in the state database", error=str(exc))
     return result
 
@@ -250,7 +269,7 @@ class _Run:
     """What one poll knows before it commits."""
 
     sync: Sync
-    store: Store | None
+    store: StateStore | None
     state: Any
     result: RunResult
     started: float
@@ -263,7 +282,7 @@ class _Run:
     accept_deletes: bool
 
 
-async def _poll(sync: Sync, store: Store | None, source: Source, dry_run: bool, result: RunResult, started: float,
+async def _poll(sync: Sync, store: StateStore | None, source: Source, dry_run: bool, result: RunResult, started: float,
                 accept_deletes: bool) -> None:
     state = await store.sync_state(sync.id) if store is not None else None
     same_shape = state is not None and state.baselined and state.shape == sync.shape
@@ -465,6 +484,8 @@ async def _finish(run: _Run, snap: diff.Snapshot, body_hash: bytes, validators: 
         commit.expected_generation = state.generation
         try:
             result.pending_deletes = await store.commit_run(commit)
+        except LeaseLost:
+            raise
         except StateConflict as exc:
             raise CommitError(str(exc)) from None
     if big:

@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     api_allowed_hosts: Annotated[list[str], NoDecode, BeforeValidator(_split_list)] = Field(
         default_factory=list, description="Host patterns (fnmatch: api.example.com, *.example.com) that base and webhook URLs of API-created syncs must match; empty: any host.")
     integrations: dict[str, dict[str, Any]] = Field(default_factory=dict, description="[integrations.NAME] tables (settings file only): base_url, headers and auth for control-API syncs that name the integration in X-Knit-Integration-Id.")
+    state_url: SecretStr | None = Field(None, description="postgresql://USER[:PASSWORD]@HOST[:PORT]/DB: keep the state in PostgreSQL instead of the state_path file, so that several syncd instances share the syncs (each polled by one instance at a time under a lease). Prefer $CREDENTIALS_DIRECTORY/state_url or the environment when it holds a password.")
+    lease_ttl: Duration = Field(30.0, ge=3, le=3600, description="With state_url: how long an instance's lease on a sync lasts without renewal (renewed every third of it); a dead instance's syncs move to the others after this.")
+    instance_id: str | None = Field(None, min_length=1, max_length=100, description="With state_url: this instance's name in leases, metrics and status. Default: HOSTNAME:PID.")
+    state_pool_size: int = Field(10, ge=2, le=200, description="With state_url: connections to PostgreSQL this instance keeps open at most.")
 
     @field_validator("api_keys")
     @classmethod
@@ -114,6 +118,30 @@ class Settings(BaseSettings):
             if len(text) < 16 or any(c.isspace() for c in text):
                 raise ValueError("each API key must be at least 16 characters without spaces (generate one with 'syncd secret')")
         return value
+
+    @field_validator("state_url", mode="before")
+    @classmethod
+    def _blank_url(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("state_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            text = value.get_secret_value().strip()
+            if not text.startswith(("postgresql://", "postgres://")):
+                raise ValueError("must be a PostgreSQL URL: postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE")
+            if any(c in text for c in "\r\n\0"):
+                raise ValueError("must not contain line breaks")
+            return SecretStr(text)
+        return value
+
+    @property
+    def state_location(self) -> str:
+        """Where the state lives, for messages: the SQLite path, or the PostgreSQL URL without its password."""
+        if self.state_url is None:
+            return str(self.state_path)
+        return redact_url(self.state_url.get_secret_value())
 
     @property
     def api_dir(self) -> Path:
@@ -261,3 +289,22 @@ def problems_from_validation(exc: ValidationError, source: str | Callable[[str],
             reason = reason[len("Value error, "):]
         problems.append(Problem(where, key, reason))
     return problems
+
+
+def redact_url(url: str) -> str:
+    """A connection URL with its password (and any password= parameter) replaced by ***."""
+    import re
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "postgresql://(unparsable URL)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{host}"
+    query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

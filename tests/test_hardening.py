@@ -174,15 +174,29 @@ async def test_a_corrupt_database_is_one_line_not_a_traceback(command, upstream,
 
 def test_database_errors_say_what_to_do():
     from syncd.cli import state_error
+    from syncd.settings import Settings
+    from syncd.store.sqlite import store_error
 
     path = Path("/var/lib/syncd/state.db")
-    for exc in (sqlite3.OperationalError("attempt to write a readonly database"),
-                sqlite3.OperationalError("unable to open database file"), PermissionError(13, "Permission denied")):
-        text = state_error(path, exc)
+    settings = Settings(state_path=path)
+    for exc in (store_error(sqlite3.OperationalError("attempt to write a readonly database")),
+                store_error(sqlite3.OperationalError("unable to open database file")), PermissionError(13, "Permission denied")):
+        text = state_error(settings, exc)
         assert str(path) in text and "permissions" in text and "move" not in text and "backup" not in text
-    text = state_error(path, sqlite3.DatabaseError("file is not a database"))
+    text = state_error(settings, store_error(sqlite3.DatabaseError("file is not a database")))
     assert "backup" in text and "move it away" in text
-    assert "free disk space" in state_error(path, sqlite3.OperationalError("database or disk is full"))
+    assert "free disk space" in state_error(settings, store_error(sqlite3.OperationalError("database or disk is full")))
+
+
+def test_postgres_errors_say_what_to_do_without_the_password():
+    from syncd.cli import state_error
+    from syncd.settings import Settings
+    from syncd.store import StoreError
+
+    settings = Settings(state_url="postgresql://syncd:hunter2hunter2@db.example:5432/syncd")
+    text = state_error(settings, StoreError("cannot reach PostgreSQL: Connection refused", "unavailable"))
+    assert "db.example" in text and "hunter2" not in text and "server runs" in text
+    assert "hunter2" not in repr(settings) and "hunter2" not in settings.state_location
 
 
 def _nobody_can_run_python() -> bool:

@@ -1,6 +1,4 @@
-"""The state database behind one narrow async interface: fingerprints, run history and the outbox.
-
-SQLite in WAL mode through aiosqlite. A successful run's fingerprints and its outbox events are
+"""The embedded state backend: SQLite in WAL mode through aiosqlite. A successful run's fingerprints and its outbox events are
 written in ONE transaction, so after a crash at any moment a change is either recorded with its
 events or not at all (and then found again by the next run).
 """
@@ -9,19 +7,33 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import os
 import sqlite3
-import zlib
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 import orjson
 
+from syncd.store.base import (
+    RUNS_KEPT,
+    Commit,
+    ConsumedRun,
+    Delivery,
+    OutboxEvent,
+    OutboxStats,
+    PendingEvent,
+    RunRecord,
+    SchemaError,
+    StateConflict,
+    StoreError,
+    SyncState,
+    decompress_body,
+)
+
 SCHEMA_VERSION = 3
-RUNS_KEPT = 100  # run history rows kept per sync
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS syncs (
@@ -139,18 +151,6 @@ _MIGRATIONS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class ConsumedRun:
-    """A run whose events are all delivered or dead: what its sync.events.allConsumed says."""
-
-    run_id: str
-    sync_id: str
-    sync_type: str | None
-    webhook_url: str
-    delivered: int
-    dead: int
-
-
 @asynccontextmanager
 async def _nothing():
     yield
@@ -181,156 +181,6 @@ def lock_instance(path: Path) -> int:
 #: SQL condition on an outbox row: a later event of its record is queued, or one was delivered.
 _SUPERSEDED = ("superseded = 1 OR EXISTS (SELECT 1 FROM outbox later WHERE later.sync_id = outbox.sync_id "
                "AND later.record_id = outbox.record_id AND later.seq > outbox.seq AND later.dead_at IS NULL)")
-
-
-class SchemaError(sqlite3.DatabaseError):
-    """The database was written by a newer syncd, or is older and opened read-only."""
-
-
-@dataclass
-class SyncState:
-    """What the store remembers of one sync between runs."""
-
-    sync_id: str
-    shape: str | None = None
-    body_hash: bytes | None = None
-    generation: int = 0
-    baselined: bool = False
-    record_count: int = 0
-    last_run_at: float | None = None
-    last_outcome: str | None = None
-    last_error: str | None = None
-    last_success_at: float | None = None
-    last_change_at: float | None = None
-    next_run_at: float | None = None
-    #: ETag / Last-Modified of the last good one-request response (plus the definition they belong to).
-    validators: dict[str, str] | None = None
-    #: Why the last good run held its deletes (a next-page hint without pagination), if it did.
-    last_warning: str | None = None
-    #: Records missing from the last runs whose deletion waits for confirm_deletes_after.
-    pending_deletes: int = 0
-    #: Deletions the last run held back (max_delete_fraction); 0 after a successful run.
-    deletes_held: int = 0
-    #: The stored records carry their last bodies (keep_records).
-    keeps_records: bool = False
-    #: The preset dictionary the sync's bodies are compressed with (see compress_body).
-    body_dict: bytes | None = None
-
-
-@dataclass
-class RunRecord:
-    """One poll, as kept in the run history."""
-
-    run_id: str
-    sync_id: str
-    started_at: float
-    finished_at: float
-    outcome: str  # changed | unchanged | baseline | failed
-    sync_type: str | None = None
-    error: str | None = None
-    records: int | None = None
-    new: int = 0
-    modified: int = 0
-    deleted: int = 0
-    invalid_ids: int = 0
-    duplicate_ids: int = 0
-    pages: int = 0
-    warning: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxEvent:
-    event_id: str
-    sync_id: str
-    record_id: str
-    event_type: str
-    webhook_url: str
-    created_at: float
-    body: bytes
-    #: Set when the run's events are tallied for sync.events.allConsumed.
-    run_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class PendingEvent:
-    """An event ready for a delivery attempt."""
-
-    seq: int
-    event_id: str
-    sync_id: str
-    record_id: str
-    event_type: str
-    webhook_url: str
-    body: bytes
-    attempts: int
-    created_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """An undelivered event as `syncd deliveries list` shows it."""
-
-    seq: int
-    event_id: str
-    sync_id: str
-    record_id: str
-    event_type: str
-    webhook_url: str
-    created_at: float
-    attempts: int
-    next_attempt_at: float
-    last_status: int | None
-    last_error: str | None
-    dead_at: float | None
-    #: A dead letter whose record has a later event delivered or queued: replay skips it.
-    superseded: bool = False
-
-    @property
-    def state(self) -> str:
-        if self.dead_at is None:
-            return "pending"
-        return "superseded" if self.superseded else "dead"
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxStats:
-    pending: int
-    dead: int
-    oldest_pending_created_at: float | None
-
-
-@dataclass
-class Commit:
-    """Everything a successful run writes, applied in one transaction."""
-
-    run: RunRecord
-    shape: str
-    body_hash: bytes
-    upserts: dict[str, bytes] = field(default_factory=dict)
-    deletes: list[str] = field(default_factory=list)
-    replace_all: bool = False  # re-baseline: drop every stored fingerprint first
-    record_count: int = 0  # fingerprints stored once the commit is applied
-    events: list[OutboxEvent] = field(default_factory=list)
-    #: The sync's generation when the run read its state: if another process (`syncd once`,
-    #: `syncd reset`) committed since, this run's diff is stale and the commit is refused.
-    expected_generation: int = 0
-    validators: dict[str, str] | None = None
-    #: Records missing but not deleted yet (confirm_deletes_after): id -> consecutive runs missing.
-    missing: dict[str, int] = field(default_factory=dict)
-    #: keep_records: the compressed bodies of the upserted records (None: bodies are not kept).
-    bodies: dict[str, bytes] | None = None
-    #: The run queued record events (last_change_at moves).
-    changed: bool = False
-    #: Tally the run's events for sync.events.allConsumed: (webhook_url, sync_type), or None.
-    tally: tuple[str, str | None] | None = None
-    #: keep_records was turned off: forget the stored bodies.
-    drop_bodies: bool = False
-    #: The bodies' compression dictionary, when this commit starts using one.
-    body_dict: bytes | None = None
-
-
-class StateConflict(Exception):
-    """The sync's state changed under a run; the run must be repeated against the new state."""
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -387,12 +237,54 @@ async def _migrate(conn: aiosqlite.Connection, path: Path) -> None:
         raise
 
 
-class Store:
-    """The state database. Open with `await Store.open(path)`; one instance per process."""
+def store_error(exc: sqlite3.Error) -> StoreError:
+    """An SQLite error as a store-neutral one, its kind read from SQLite's message."""
+    text = str(exc)
+    low = text.lower()
+    if "locked" in low or "busy" in low:
+        kind = "locked"
+    elif "full" in low:
+        kind = "full"
+    elif "readonly" in low or "read-only" in low or "unable to open" in low:
+        kind = "readonly"
+    elif isinstance(exc, sqlite3.DatabaseError) and ("not a database" in low or "malformed" in low or "encrypted" in low):
+        kind = "corrupt"
+    else:
+        kind = "other"
+    return StoreError(text, kind)
+
+
+def _neutral(cls):
+    """Make every public coroutine of `cls` raise StoreError instead of sqlite3.Error."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        async def method(*args, **kwargs):
+            try:
+                return await fn(*args, **kwargs)
+            except sqlite3.Error as exc:
+                raise store_error(exc) from exc
+        return method
+
+    for name, value in list(vars(cls).items()):
+        if not name.startswith("_") and asyncio.iscoroutinefunction(value):
+            setattr(cls, name, wrap(value))
+        elif name == "open":
+            setattr(cls, name, classmethod(wrap(value.__func__)))
+    return cls
+
+
+@_neutral
+class SqliteStore:
+    """The state database. Open with `await SqliteStore.open(path)`; one instance per process."""
 
     def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
         self._conn = conn
         self.path = path
+        self.location = str(path)
+        # Delivery claims: seqs handed to this process's deliverer and not settled yet, and
+        # their records (a record's next event waits until its claimed one is settled).
+        self._claimed: set[int] = set()
+        self._claimed_records: dict[tuple[str, str], int] = {}
         # Fingerprints of each sync as of a generation: a poll of 100k records need not re-read
         # 100k rows when nothing else (another syncd process, `syncd reset`) wrote them since.
         self._cache: dict[str, tuple[int, dict[str, bytes]]] = {}
@@ -406,7 +298,7 @@ class Store:
         self._identity: tuple[int, int] | None = None
 
     @classmethod
-    async def open(cls, path: Path | str, *, readonly: bool = False, busy_timeout: float = 10.0) -> Store:
+    async def open(cls, path: Path | str, *, readonly: bool = False, busy_timeout: float = 10.0) -> SqliteStore:
         path = Path(path)
         if readonly:
             conn = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
@@ -448,7 +340,7 @@ class Store:
     async def close(self) -> None:
         await self._conn.close()
 
-    async def __aenter__(self) -> Store:
+    async def __aenter__(self) -> SqliteStore:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -751,6 +643,40 @@ class Store:
             )
         return [PendingEvent(*row) for row in rows]
 
+    async def claim_due(self, now: float, limit: int, sync_id: str | None = None) -> list[PendingEvent]:
+        """Claim up to `limit` deliverable events for this process's deliverer (see due_events),
+        skipping those claimed already and the records they belong to."""
+        claimed, records = self._claimed, self._claimed_records
+        rows = await self.due_events(now, limit + len(claimed), sync_id)
+        out = []
+        for e in rows:
+            key = (e.sync_id, e.record_id)
+            if e.seq in claimed or key in records:
+                continue
+            claimed.add(e.seq)
+            records[key] = e.seq
+            out.append(e)
+            if len(out) >= limit:
+                break
+        return out
+
+    def claim_valid(self, event: PendingEvent) -> bool:
+        return True  # one process: a claim cannot pass to anyone else
+
+    async def release(self, events: list[PendingEvent]) -> None:
+        """Give claimed events back unsettled (a cancelled attempt): they are claimable again."""
+        for e in events:
+            self._unclaim(e.seq, (e.sync_id, e.record_id))
+
+    def _unclaim(self, seq: int, key: tuple[str, str] | None = None) -> None:
+        if seq not in self._claimed:
+            return
+        self._claimed.discard(seq)
+        if key is None:
+            key = next((k for k, s in self._claimed_records.items() if s == seq), None)
+        if key is not None and self._claimed_records.get(key) == seq:
+            del self._claimed_records[key]
+
     async def due_syncs(self, now: float) -> list[str]:
         """Syncs with undelivered events due now (some may be waiting behind an earlier event)."""
         async with self._run_commit:
@@ -798,6 +724,10 @@ class Store:
                 await conn.executemany(
                     "UPDATE outbox SET attempts = ?, dead_at = ?, last_status = ?, last_error = ? WHERE seq = ?", dead
                 )
+        if self._claimed:
+            by_seq = {seq: key for key, seq in self._claimed_records.items()}
+            for seq in [*delivered, *(r[-1] for r in retries), *(d[-1] for d in dead)]:
+                self._unclaim(seq, by_seq.get(seq))
 
     async def outbox_stats(self) -> dict[str, OutboxStats]:
         rows = await self._conn.execute_fetchall(
@@ -900,31 +830,3 @@ def _load_validators(text: str | None) -> dict[str, str] | None:
     except orjson.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None
-
-
-# -- keep_records bodies -------------------------------------------------------------------------
-
-#: Bodies are compressed one by one (each is read alone) with a preset dictionary cut from the
-#: sync's own records: a 320-byte JSON record becomes ~55 bytes, where zlib alone gets ~240.
-BODY_DICT_SIZE = 8192
-
-
-def body_dictionary(samples: list[bytes]) -> bytes:
-    """A preset dictionary from canonical bodies spread over a sync's records."""
-    out, size = [], 0
-    for sample in samples:
-        out.append(sample)
-        size += len(sample)
-        if size >= BODY_DICT_SIZE:
-            break
-    return b"".join(out)[-BODY_DICT_SIZE:] or b"{}"
-
-
-def compress_body(body: bytes, dictionary: bytes) -> bytes:
-    packer = zlib.compressobj(6, zlib.DEFLATED, -15, zdict=dictionary)
-    return packer.compress(body) + packer.flush()
-
-
-def decompress_body(data: bytes, dictionary: bytes) -> bytes:
-    unpacker = zlib.decompressobj(-15, zdict=dictionary)
-    return unpacker.decompress(data) + unpacker.flush()

@@ -1,0 +1,282 @@
+"""What every state backend offers: the typed values, the errors, and the `StateStore` protocol.
+
+The engine, delivery, the daemon and the CLI see only this module: SQLite (`store.sqlite`, the
+embedded default) and PostgreSQL (`store.postgres`, several instances sharing one database) are
+interchangeable behind it. Backend errors never leave a store as themselves: they become a
+`StoreError` whose `kind` says what a sysadmin can do about it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+RUNS_KEPT = 100  # run history rows kept per sync
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+class StoreError(Exception):
+    """The state store failed an operation. `kind` is one of: "unavailable" (cannot reach or open
+    it), "locked" (busy for too long), "full" (no space), "readonly" (no permission to write),
+    "corrupt" (not a database syncd can read), "schema" (written by another syncd version), "other"."""
+
+    def __init__(self, message: str, kind: str = "other") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class SchemaError(StoreError):
+    """The database was written by a newer syncd, or is older and opened read-only."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "schema")
+
+
+class StateConflict(Exception):
+    """The sync's state changed under a run; the run must be repeated against the new state."""
+
+
+class LeaseLost(StateConflict):
+    """This instance no longer holds the sync's lease (it expired, or another instance took it):
+    the run's results are discarded, the new owner polls the sync."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumedRun:
+    """A run whose events are all delivered or dead: what its sync.events.allConsumed says."""
+
+    run_id: str
+    sync_id: str
+    sync_type: str | None
+    webhook_url: str
+    delivered: int
+    dead: int
+
+
+@dataclass
+class SyncState:
+    """What the store remembers of one sync between runs."""
+
+    sync_id: str
+    shape: str | None = None
+    body_hash: bytes | None = None
+    generation: int = 0
+    baselined: bool = False
+    record_count: int = 0
+    last_run_at: float | None = None
+    last_outcome: str | None = None
+    last_error: str | None = None
+    last_success_at: float | None = None
+    last_change_at: float | None = None
+    next_run_at: float | None = None
+    #: ETag / Last-Modified of the last good one-request response (plus the definition they belong to).
+    validators: dict[str, str] | None = None
+    #: Why the last good run held its deletes (a next-page hint without pagination), if it did.
+    last_warning: str | None = None
+    #: Records missing from the last runs whose deletion waits for confirm_deletes_after.
+    pending_deletes: int = 0
+    #: Deletions the last run held back (max_delete_fraction); 0 after a successful run.
+    deletes_held: int = 0
+    #: The stored records carry their last bodies (keep_records).
+    keeps_records: bool = False
+    #: The preset dictionary the sync's bodies are compressed with (see compress_body).
+    body_dict: bytes | None = None
+
+
+@dataclass
+class RunRecord:
+    """One poll, as kept in the run history."""
+
+    run_id: str
+    sync_id: str
+    started_at: float
+    finished_at: float
+    outcome: str  # changed | unchanged | baseline | failed
+    sync_type: str | None = None
+    error: str | None = None
+    records: int | None = None
+    new: int = 0
+    modified: int = 0
+    deleted: int = 0
+    invalid_ids: int = 0
+    duplicate_ids: int = 0
+    pages: int = 0
+    warning: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    event_id: str
+    sync_id: str
+    record_id: str
+    event_type: str
+    webhook_url: str
+    created_at: float
+    body: bytes
+    #: Set when the run's events are tallied for sync.events.allConsumed.
+    run_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingEvent:
+    """An event ready for a delivery attempt."""
+
+    seq: int
+    event_id: str
+    sync_id: str
+    record_id: str
+    event_type: str
+    webhook_url: str
+    body: bytes
+    attempts: int
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """An undelivered event as `syncd deliveries list` shows it."""
+
+    seq: int
+    event_id: str
+    sync_id: str
+    record_id: str
+    event_type: str
+    webhook_url: str
+    created_at: float
+    attempts: int
+    next_attempt_at: float
+    last_status: int | None
+    last_error: str | None
+    dead_at: float | None
+    #: A dead letter whose record has a later event delivered or queued: replay skips it.
+    superseded: bool = False
+
+    @property
+    def state(self) -> str:
+        if self.dead_at is None:
+            return "pending"
+        return "superseded" if self.superseded else "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    pending: int
+    dead: int
+    oldest_pending_created_at: float | None
+
+
+@dataclass
+class Commit:
+    """Everything a successful run writes, applied in one transaction."""
+
+    run: RunRecord
+    shape: str
+    body_hash: bytes
+    upserts: dict[str, bytes] = field(default_factory=dict)
+    deletes: list[str] = field(default_factory=list)
+    replace_all: bool = False  # re-baseline: drop every stored fingerprint first
+    record_count: int = 0  # fingerprints stored once the commit is applied
+    events: list[OutboxEvent] = field(default_factory=list)
+    #: The sync's generation when the run read its state: if another process (`syncd once`,
+    #: `syncd reset`) committed since, this run's diff is stale and the commit is refused.
+    expected_generation: int = 0
+    validators: dict[str, str] | None = None
+    #: Records missing but not deleted yet (confirm_deletes_after): id -> consecutive runs missing.
+    missing: dict[str, int] = field(default_factory=dict)
+    #: keep_records: the compressed bodies of the upserted records (None: bodies are not kept).
+    bodies: dict[str, bytes] | None = None
+    #: The run queued record events (last_change_at moves).
+    changed: bool = False
+    #: Tally the run's events for sync.events.allConsumed: (webhook_url, sync_type), or None.
+    tally: tuple[str, str | None] | None = None
+    #: keep_records was turned off: forget the stored bodies.
+    drop_bodies: bool = False
+    #: The bodies' compression dictionary, when this commit starts using one.
+    body_dict: bytes | None = None
+
+
+# -- the protocol ---------------------------------------------------------------------------------
+
+
+class StateStore(Protocol):
+    """What the engine, delivery, the daemon and the CLI need from a state backend.
+
+    Writes of one run are atomic. Delivery claims are the store's: `claim_due` hands out the head
+    event of each record (the oldest one not delivered or dead) to one deliverer at a time, in this
+    process (SQLite) or across instances (PostgreSQL), until `record_attempts` settles it or
+    `release` gives it back. `outbox_changed` is set when deliverable events appear."""
+
+    outbox_changed: asyncio.Event
+    #: A short description of where the state lives, for logs and errors (never with a password).
+    location: str
+
+    async def close(self) -> None: ...
+    def identity_problem(self) -> str | None: ...
+
+    # syncs and runs
+    async def sync_state(self, sync_id: str) -> SyncState: ...
+    async def all_states(self) -> list[SyncState]: ...
+    async def fingerprints(self, state: SyncState) -> dict[str, bytes]: ...
+    async def pending_missing(self, sync_id: str) -> dict[str, int]: ...
+    async def bodies(self, state: SyncState, record_ids: list[str]) -> dict[str, bytes]: ...
+    async def commit_run(self, commit: Commit) -> int: ...
+    async def record_run(self, run: RunRecord, *, validators: dict[str, str] | None = None,
+                         not_before: float | None = None, events: list[OutboxEvent] = (),
+                         tally: tuple[str, str | None] | None = None, deletes_held: int = 0) -> None: ...
+    async def runs(self, sync_id: str, limit: int = 20) -> list[RunRecord]: ...
+    async def all_runs(self, sync_id: str) -> list[RunRecord]: ...
+    async def events_since(self, since: float) -> dict[str, tuple[int, int, int]]: ...
+    async def reset(self, sync_id: str) -> bool: ...
+    async def paused(self) -> set[str]: ...
+    async def set_paused(self, sync_id: str, paused: bool) -> None: ...
+
+    # delivery
+    async def claim_due(self, now: float, limit: int, sync_id: str | None = None) -> list[PendingEvent]: ...
+    async def release(self, events: list[PendingEvent]) -> None: ...
+    def claim_valid(self, event: PendingEvent) -> bool: ...
+    async def due_syncs(self, now: float) -> list[str]: ...
+    async def next_due(self) -> float | None: ...
+    async def record_attempts(self, delivered: list[int], retries: list[tuple], dead: list[tuple]) -> None: ...
+    async def consumed_runs(self) -> list[ConsumedRun]: ...
+    async def announce_consumed(self, events: list[OutboxEvent], run_ids: list[str], now: float) -> None: ...
+
+    # operators
+    async def outbox_stats(self) -> dict[str, OutboxStats]: ...
+    async def deliveries(self, *, sync_id: str | None = None, dead_only: bool = False,
+                         limit: int | None = None) -> list[Delivery]: ...
+    async def replay(self, *, sync_id: str | None = None, since: float | None = None, event_id: str | None = None,
+                     now: float) -> tuple[int, int]: ...
+    async def purge_dead(self, *, before: float, sync_id: str | None = None) -> int: ...
+    async def outbox(self, sync_id: str | None = None) -> list[OutboxEvent]: ...
+
+
+# -- keep_records bodies -------------------------------------------------------------------------
+
+#: Bodies are compressed one by one (each is read alone) with a preset dictionary cut from the
+#: sync's own records: a 320-byte JSON record becomes ~55 bytes, where zlib alone gets ~240.
+BODY_DICT_SIZE = 8192
+
+
+def body_dictionary(samples: list[bytes]) -> bytes:
+    """A preset dictionary from canonical bodies spread over a sync's records."""
+    out, size = [], 0
+    for sample in samples:
+        out.append(sample)
+        size += len(sample)
+        if size >= BODY_DICT_SIZE:
+            break
+    return b"".join(out)[-BODY_DICT_SIZE:] or b"{}"
+
+
+def compress_body(body: bytes, dictionary: bytes) -> bytes:
+    packer = zlib.compressobj(6, zlib.DEFLATED, -15, zdict=dictionary)
+    return packer.compress(body) + packer.flush()
+
+
+def decompress_body(data: bytes, dictionary: bytes) -> bytes:
+    unpacker = zlib.decompressobj(-15, zdict=dictionary)
+    return unpacker.decompress(data) + unpacker.flush()
