@@ -24,7 +24,7 @@ from syncd.scheduler import Scheduler
 from syncd.settings import Settings
 from syncd.source.fetcher import Source
 from syncd.status import sync_view
-from syncd.store import Store, SyncState, lock_instance
+from syncd.store import StateStore, StoreError, SyncState, lock_instance, open_store
 from syncd.systemd import Notifier
 
 log = structlog.get_logger("syncd.daemon")
@@ -49,8 +49,13 @@ class Daemon:
         self._inotify = True  # until watchfiles turns out not to work here
         self._invalid_files: set[Path] = set()  # files whose last load failed (their last good sync may run)
         self._ready = False
-        self._store: Store | None = None
+        self._store: StateStore | None = None
+        #: PostgreSQL: the syncs whose lease this instance holds (None: SQLite, every sync is ours).
+        self._owned: set[str] | None = None
+        #: Why the state database cannot be reached now, if it cannot (PostgreSQL).
+        self._state_unreachable: str | None = None
         self._lock_fd: int | None = None
+        self._lease_ok_at = time.monotonic()
         #: Why the state database cannot be trusted any more (deleted or replaced under us), if so.
         self._state_lost: str | None = None
         self._source: Source | None = None
@@ -76,12 +81,15 @@ class Daemon:
 
     async def run(self) -> None:
         settings = self.settings
-        self._lock_fd = lock_instance(settings.state_path)
-        try:
-            self._store = store = await Store.open(settings.state_path)
-        except BaseException:
-            os.close(self._lock_fd)
-            raise
+        shared = settings.state_url is not None
+        store: StateStore | None = None
+        if not shared:
+            self._lock_fd = lock_instance(settings.state_path)
+            try:
+                self._store = store = await open_store(state_path=settings.state_path)
+            except BaseException:
+                os.close(self._lock_fd)
+                raise
         poll_session_ = poll_session()
         source = Source(poll_session_, max_bytes=int(settings.max_response_bytes),
                         max_requests_per_host=settings.max_requests_per_host)
@@ -92,21 +100,18 @@ class Daemon:
         deliver_stop = asyncio.Event()
         try:
             self._apply_config(startup=True)
+            if shared:
+                # Serve /healthz and /readyz (503) while PostgreSQL cannot be reached yet.
+                runner = await self._serve()
+                self._store = store = await self._open_shared()
+                if store is None:
+                    return  # stopped while waiting for the database
             states = await store.all_states()
             last_runs = {s.sync_id: s.last_run_at for s in states if s.last_run_at}
             not_before = {s.sync_id: s.next_run_at for s in states if s.next_run_at}
             self._seed_metrics(states)
-            app = server.build_app(self.metrics, ready=self._readiness, syncs_status=self.syncs_status)
-            if settings.api_keys:
-                from syncd.api import ControlAPI
-
-                ControlAPI(self).routes(app)
-            from syncd.web import WebPage
-
-            WebPage(self).routes(app)
-            host, port = settings.listen_address
-            runner = await server.start(app, host, port)
-            self.address = runner.addresses[0][:2] if runner.addresses else (host, port)
+            if runner is None:
+                runner = await self._serve()
 
             async def run_poll(sync: Sync) -> RunResult:
                 result = await poll(sync, store, source)
@@ -116,7 +121,11 @@ class Daemon:
             self._scheduler = Scheduler(run_poll, max_concurrent=settings.max_concurrent_polls, last_runs=last_runs,
                                         not_before=not_before)
             self.registry.paused = await store.paused()
-            self._scheduler.update(self.registry.active, startup=True)
+            if shared:
+                self._owned = set()
+                store.start_leasing()
+                await self._lease_tick()  # take a first share before scheduling anything
+            self._scheduler.update(self._mine(self.registry.active), startup=True)
             self.registry.subscribe(self._schedule)
             deliverer = Deliverer(store, hook_session, concurrency=settings.webhook_concurrency,
                                   timeout=settings.webhook_timeout, schedule=settings.webhook_retry_schedule,
@@ -129,10 +138,13 @@ class Daemon:
             ]
             if self.notifier.watchdog_interval:
                 tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval), name="watchdog"))
+            if shared:
+                tasks.append(asyncio.create_task(self._hold_leases(), name="leases"))
             await self._warn_about_orphans()
             self._ready = True
             log.info("syncd started", syncs=len(self.syncs), listen=f"{self.address[0]}:{self.address[1]}",
-                     state=str(settings.state_path), config_dir=str(settings.config_dir))
+                     state=settings.state_location, config_dir=str(settings.config_dir),
+                     **({"instance": store.instance_id, "leases": len(self._owned)} if shared else {}))
             self.notifier.ready(self._status_line())
 
             while not self._stop.is_set():
@@ -171,8 +183,10 @@ class Daemon:
                 await runner.cleanup()
             await poll_session_.close()
             await hook_session.close()
-            await store.close()
-            os.close(self._lock_fd)
+            if store is not None:
+                await store.close()  # PostgreSQL: gives the leases back at once
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
             self.notifier.close()
 
     async def _warn_about_orphans(self) -> None:
@@ -240,7 +254,102 @@ class Daemon:
 
     def _schedule(self, active: dict[str, Sync]) -> None:
         if self._scheduler is not None and self._state_lost is None:
-            self._scheduler.update(active)
+            self._scheduler.update(self._mine(active))
+
+    def _mine(self, active: dict[str, Sync]) -> dict[str, Sync]:
+        """The active syncs this instance polls: all of them, or (PostgreSQL) those it holds the lease of."""
+        if self._owned is None:
+            return active
+        return {sid: sync for sid, sync in active.items() if sid in self._owned}
+
+    async def _serve(self):
+        settings = self.settings
+        app = server.build_app(self.metrics, ready=self._readiness, syncs_status=self.syncs_status)
+        app.middlewares.append(_needs_store(self))
+        if settings.api_keys:
+            from syncd.api import ControlAPI
+
+            ControlAPI(self).routes(app)
+        from syncd.web import WebPage
+
+        WebPage(self).routes(app)
+        host, port = settings.listen_address
+        runner = await server.start(app, host, port)
+        self.address = runner.addresses[0][:2] if runner.addresses else (host, port)
+        return runner
+
+    # -- several instances (PostgreSQL) ---------------------------------------------------------
+
+    async def _open_shared(self) -> StateStore | None:
+        """Connect to PostgreSQL, retrying until it answers (or stop): a database that is down
+        when syncd starts is an outage to wait out, not a reason to exit."""
+        settings = self.settings
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                store = await open_store(state_path=settings.state_path, state_url=settings.state_url.get_secret_value(),
+                                         instance_id=settings.instance_id, lease_ttl=settings.lease_ttl,
+                                         pool_size=settings.state_pool_size)
+            except StoreError as exc:
+                if exc.kind == "schema":
+                    raise
+                self._state_unreachable = f"cannot reach the state database {settings.state_location}: {exc}"
+                log.error("cannot reach the PostgreSQL state database; retrying", state=settings.state_location,
+                          error=str(exc), retry_in=delay,
+                          hint="check that PostgreSQL runs and accepts this user (state_url); /readyz answers 503 meanwhile")
+                self.notifier.status(self._state_unreachable)
+                try:
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, 30.0)
+                continue
+            self._state_unreachable = None
+            return store
+        return None
+
+    async def _hold_leases(self) -> None:
+        """Renew leases every third of lease_ttl, taking or giving back syncs to keep a fair share."""
+        period = self.settings.lease_ttl / 3
+        while True:
+            ok = await self._lease_tick()
+            await asyncio.sleep(period if ok else min(period, 1.0))
+
+    async def _lease_tick(self) -> bool:
+        store, ttl = self._store, self.settings.lease_ttl
+        try:
+            paused = await store.paused()
+            if paused != self.registry.paused:  # paused or resumed through another instance
+                self.registry.paused = set(paused)
+            busy = {sid for sid, at in self.next_polls().items() if at is None}
+            held = set(await store.lease_tick(set(self.registry.active), busy))
+        except StoreError as exc:
+            since = self._lease_ok_at
+            if time.monotonic() - since > ttl * 2 / 3 and self._owned:
+                # Our leases may expire any moment: stop polling rather than poll for nothing.
+                log.error("leases given up: the state database is unreachable", error=str(exc), syncs=len(self._owned))
+                self._owned = set()
+                self._schedule(self.registry.active)
+            if self._state_unreachable is None:
+                log.error("cannot renew leases; retrying", error=str(exc), state=self.settings.state_location)
+            self._state_unreachable = f"cannot reach the state database {self.settings.state_location}: {exc}"
+            return False
+        self._lease_ok_at = time.monotonic()
+        if self._state_unreachable is not None:
+            log.info("state database reachable again", state=self.settings.state_location)
+            self._state_unreachable = None
+        if held != self._owned:
+            gained, lost = held - self._owned, self._owned - held
+            if gained and self._scheduler is not None:
+                # Polled elsewhere until now: go on from when it was last polled, not from scratch.
+                states = {s.sync_id: s for s in await store.all_states()} if len(gained) > 50 else {
+                    sid: await store.sync_state(sid) for sid in gained}
+                self._scheduler.remember({sid: states[sid] for sid in gained if sid in states})
+            self._owned = held
+            self._schedule(self.registry.active)
+            log.info("leases changed", held=len(held), gained=sorted(gained)[:20], lost=sorted(lost)[:20],
+                     instance=store.instance_id)
+        return True
 
     def _recheck_later(self) -> None:
         if self._recheck is None or self._recheck.cancelled() or self._recheck.when() <= asyncio.get_running_loop().time():
@@ -429,6 +538,8 @@ class Daemon:
     def _readiness(self) -> tuple[bool, str]:
         if self._state_lost is not None:
             return False, f"not ready: {self._state_lost}; restart syncd"
+        if self._state_unreachable is not None:
+            return False, f"not ready: {self._state_unreachable}"
         if not self._ready:
             return False, "not ready: starting or stopping"
         return True, f"ready: {len(self.syncs)} syncs"
@@ -446,7 +557,7 @@ class Daemon:
         log.info("sync paused" if paused else "sync resumed", sync=sync_id)
 
     @property
-    def store(self) -> Store:
+    def store(self) -> StateStore:
         return self._store
 
     def next_polls(self) -> dict[str, float | None]:
@@ -458,21 +569,26 @@ class Daemon:
 
     async def sync_status(self, sync_id: str) -> dict:
         stats = await self._store.outbox_stats()
-        return self._view(sync_id, await self._store.sync_state(sync_id), stats)
+        return self._view(sync_id, await self._store.sync_state(sync_id), stats, await self._owners())
 
-    def _view(self, sync_id: str, state, stats) -> dict:
+    def _view(self, sync_id: str, state, stats, owners: dict[str, str]) -> dict:
         sync = self.syncs[sync_id]
         definition = "invalid" if sync.file in self._invalid_files else "ok"
         return sync_view(sync_id, sync=sync, state=state, stats=stats.get(sync_id), definition=definition,
-                         paused=sync_id in self.registry.paused)
+                         paused=sync_id in self.registry.paused, owner=owners.get(sync_id))
+
+    async def _owners(self) -> dict[str, str]:
+        lease_owners = getattr(self._store, "lease_owners", None)
+        return await lease_owners() if lease_owners is not None else {}
 
     async def syncs_status(self) -> list[dict]:
         store = self._store
         stats = await store.outbox_stats()
+        owners = await self._owners()
         out = []
         states = {s.sync_id: s for s in await store.all_states()}
         for sync_id in sorted(self.syncs):
-            out.append(self._view(sync_id, states.get(sync_id) or SyncState(sync_id), stats))
+            out.append(self._view(sync_id, states.get(sync_id) or SyncState(sync_id), stats, owners))
         return out
 
 
@@ -496,6 +612,20 @@ def _snapshot(settings: Settings) -> dict[str, tuple[int, int, int]]:
             continue
         out[str(path)] = (st.st_mtime_ns, st.st_size, st.st_ino)
     return out
+
+
+def _needs_store(daemon: Daemon):
+    """A 503 for everything but the ops endpoints while the state database is not open yet."""
+    from aiohttp import web
+
+    @web.middleware
+    async def middleware(request, handler):
+        if daemon.store is None and request.path not in ("/healthz", "/readyz", "/metrics"):
+            return web.json_response({"success": False, "error": {"msg": "syncd is starting: the state database "
+                                                                          "is not reachable yet"}}, status=503)
+        return await handler(request)
+
+    return middleware
 
 
 async def _wait_first(*waitables) -> None:

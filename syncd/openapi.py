@@ -52,6 +52,7 @@ _STATUS = {
         "deletes_held": {"type": "integer"},
         "pending_events": {"type": "integer"},
         "dead_events": {"type": "integer"},
+        "owner": {**_NULLABLE_STR, "description": "PostgreSQL state: the instance holding the sync's lease (null: none now, or SQLite)"},
     },
 }
 _START_BODY = {

@@ -47,6 +47,15 @@ class Scheduler:
         # Loops of removed syncs still finishing a poll: a re-added sync waits for them.
         self._retiring: dict[str, asyncio.Task] = {}
 
+    def remember(self, states: dict) -> None:
+        """When syncs this instance takes over (a lease, PostgreSQL) were last polled elsewhere, and
+        their earliest next poll: the first poll here keeps their interval instead of starting anew."""
+        for sync_id, state in states.items():
+            if state.last_run_at:
+                self._last_runs[sync_id] = state.last_run_at
+            if state.next_run_at:
+                self._not_before[sync_id] = state.next_run_at
+
     def next_polls(self) -> dict[str, float | None]:
         """When each scheduled sync polls next (None while it polls)."""
         return {sid: (None if e.polling else e.next_at) for sid, e in self._entries.items()}

@@ -19,9 +19,10 @@ DEFINITIONS = ("ok", "invalid", "removed")
 
 
 def sync_view(sync_id: str, *, sync: Any = None, state: Any = None, stats: Any = None, definition: str = "ok",
-              paused: bool = False) -> dict:
+              paused: bool = False, owner: str | None = None) -> dict:
     """The status of one sync: `sync` its definition (or None), `state` its SyncState, `stats` its
-    OutboxStats. `syncJobId` repeats `id` for Knit's clients."""
+    OutboxStats, `owner` the instance holding its lease (PostgreSQL). `syncJobId` repeats `id` for
+    Knit's clients."""
     view: dict[str, Any] = {
         "id": sync_id,
         "syncJobId": sync_id,
@@ -44,5 +45,6 @@ def sync_view(sync_id: str, *, sync: Any = None, state: Any = None, stats: Any =
         "deletes_held": state.deletes_held if state else 0,
         "pending_events": stats.pending if stats else 0,
         "dead_events": stats.dead if stats else 0,
+        "owner": owner,
     })
     return view

@@ -544,3 +544,74 @@ async def fork_server():
         yield await server.start()
     finally:
         await server.close()
+
+
+# -- PostgreSQL: a fresh schema per test on the machine's server, or a skip that says why ----------
+
+#: The server the PostgreSQL tests use (trust auth on loopback); SYNCD_TEST_PG_URL overrides it.
+PG_SERVER = os.environ.get("SYNCD_TEST_PG_URL", "postgresql://root@127.0.0.1:5432/test")
+_pg_absent: str | None = None
+
+
+async def _pg_schema() -> str:
+    """Create an empty schema on PG_SERVER and return a URL whose search_path is that schema."""
+    global _pg_absent
+    import secrets
+
+    if _pg_absent is not None:
+        pytest.skip(_pg_absent)
+    try:
+        import asyncpg
+    except ImportError:
+        _pg_absent = "asyncpg is not installed"
+        pytest.skip(_pg_absent)
+    try:
+        conn = await asyncpg.connect(PG_SERVER, timeout=5)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        _pg_absent = f"no PostgreSQL server at {PG_SERVER} ({exc}); set SYNCD_TEST_PG_URL to run the PostgreSQL tests"
+        pytest.skip(_pg_absent)
+    schema = f"t_{secrets.token_hex(6)}"
+    try:
+        await conn.execute(f"CREATE SCHEMA {schema}")
+    finally:
+        await conn.close()
+    sep = "&" if "?" in PG_SERVER else "?"
+    return f"{PG_SERVER}{sep}search_path={schema}"
+
+
+async def _drop_schema(url: str) -> None:
+    import asyncpg
+
+    schema = url.rsplit("search_path=", 1)[1]
+    try:
+        conn = await asyncpg.connect(PG_SERVER, timeout=5)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await conn.close()
+    except Exception:
+        pass  # a leftover schema costs nothing
+
+
+@pytest.fixture
+async def pg_url():
+    """A postgresql:// URL of an empty schema of its own (dropped afterwards); skips without a server."""
+    url = await _pg_schema()
+    try:
+        yield url
+    finally:
+        await _drop_schema(url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def backend(request, tmp_path: Path):
+    """Run a test once per state backend: yields Settings-style keyword arguments
+    (state_path, and state_url for PostgreSQL)."""
+    if request.param == "sqlite":
+        yield {"state_path": tmp_path / "state" / "state.db"}
+        return
+    url = await _pg_schema()
+    try:
+        yield {"state_path": tmp_path / "state" / "state.db", "state_url": url}
+    finally:
+        await _drop_schema(url)
