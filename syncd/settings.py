@@ -21,7 +21,7 @@ DEFAULT_SETTINGS_FILE = Path("/etc/syncd/syncd.toml")
 #: Attempts span 5 days (at least 4 with the ±20% jitter), as Knit retries for 4 days (DESIGN §9).
 DEFAULT_RETRY_SCHEDULE = ["5s", "30s", "2m", "10m", "30m", "1h", "2h", "4h", "8h", "16h", "24h", "24h", "24h", "24h"]
 #: Settings that hold secrets: read from $CREDENTIALS_DIRECTORY/<name> too, and never printed.
-SECRET_SETTINGS = ("webhook_secret", "api_keys")
+SECRET_SETTINGS = ("webhook_secret", "api_keys", "state_url")
 
 
 SYSTEM_STATE_DIR = Path("/var/lib/syncd")
