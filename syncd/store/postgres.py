@@ -587,7 +587,7 @@ class PostgresStore:
             live = await conn.fetchval(f"SELECT count(*) FROM instances WHERE expires_at > {_NOW}") or 1
             share = -(-len(wanted) // max(1, live))
             if len(held) > share:
-                extra = sorted(held, key=lambda s: (s in busy, s), reverse=True)[:len(held) - share]
+                extra = sorted(held, key=lambda s: (s not in busy, s), reverse=True)[:len(held) - share]
                 extra = [s for s in extra if s not in busy] or []
                 if extra:
                     await conn.execute(
