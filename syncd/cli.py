@@ -409,7 +409,7 @@ async def _open_store(settings: Settings, *, readonly: bool = False, fallback_re
 
     path = settings.state_path
     url = settings.state_url.get_secret_value() if settings.state_url is not None else None
-    options = dict(pool_size=2, lease_ttl=settings.lease_ttl, instance_id=f"cli:{os.getpid()}") if url else {}
+    options = dict(pool_size=2, instance=False) if url else {}
     try:
         return await open_store(state_path=path, state_url=url, readonly=readonly, **options)
     except (StoreError, OSError) as exc:

@@ -54,6 +54,7 @@ class Daemon:
         self._owned: set[str] | None = None
         #: Why the state database cannot be reached now, if it cannot (PostgreSQL).
         self._state_unreachable: str | None = None
+        self._background: set[asyncio.Task] = set()
         self._lock_fd: int | None = None
         self._lease_ok_at = time.monotonic()
         #: Why the state database cannot be trusted any more (deleted or replaced under us), if so.
@@ -319,10 +320,10 @@ class Daemon:
         store, ttl = self._store, self.settings.lease_ttl
         try:
             paused = await store.paused()
-            if paused != self.registry.paused:  # paused or resumed through another instance
-                self.registry.paused = set(paused)
+            self.registry.replace_paused(paused)  # paused or resumed through another instance
             busy = {sid for sid, at in self.next_polls().items() if at is None}
             held = set(await store.lease_tick(set(self.registry.active), busy))
+            triggered = await store.take_triggers(sorted(held))
         except StoreError as exc:
             since = self._lease_ok_at
             if time.monotonic() - since > ttl * 2 / 3 and self._owned:
@@ -349,6 +350,9 @@ class Daemon:
             self._schedule(self.registry.active)
             log.info("leases changed", held=len(held), gained=sorted(gained)[:20], lost=sorted(lost)[:20],
                      instance=store.instance_id)
+        for sync_id in triggered:  # asked through another instance's control API
+            if self._scheduler is not None:
+                self._scheduler.trigger(sync_id)
         return True
 
     def _recheck_later(self) -> None:
@@ -564,8 +568,19 @@ class Daemon:
         return self._scheduler.next_polls() if self._scheduler is not None else {}
 
     def trigger(self, sync_id: str) -> bool:
-        """Poll a sync now. False when it is not being scheduled (paused, stopping, state lost)."""
-        return self._scheduler is not None and self._state_lost is None and self._scheduler.trigger(sync_id)
+        """Poll a sync now. False when it is not being scheduled (paused, stopping, state lost).
+        With several instances, a sync another instance holds is polled by that one, at its next
+        lease renewal (within a third of lease_ttl)."""
+        if self._scheduler is None or self._state_lost is not None or not self._ready:
+            return False
+        if self._scheduler.trigger(sync_id):
+            return True
+        if self._owned is not None and sync_id in self.registry.active:
+            task = asyncio.create_task(self._store.request_trigger(sync_id), name=f"trigger:{sync_id}")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return True
+        return False
 
     async def sync_status(self, sync_id: str) -> dict:
         stats = await self._store.outbox_stats()

@@ -28,6 +28,12 @@ class Registry:
         self.syncs = syncs
         self._notify()
 
+    def replace_paused(self, paused: set[str]) -> None:
+        """The paused set as another instance left it (a shared state database)."""
+        if paused != self.paused:
+            self.paused = set(paused)
+            self._notify()
+
     def set_paused(self, sync_id: str, paused: bool) -> None:
         (self.paused.add if paused else self.paused.discard)(sync_id)
         self._notify()

@@ -30,6 +30,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import structlog
 
 from syncd.store.base import (
     RUNS_KEPT,
@@ -47,6 +48,8 @@ from syncd.store.base import (
     SyncState,
     decompress_body,
 )
+
+log = structlog.get_logger("syncd.store")
 
 SCHEMA_VERSION = 1
 CHANNEL = "syncd_outbox"
@@ -146,8 +149,9 @@ CREATE TABLE IF NOT EXISTS event_hours (
     PRIMARY KEY (sync_id, hour)
 );
 CREATE TABLE IF NOT EXISTS sync_controls (
-    sync_id TEXT PRIMARY KEY,
-    paused  BOOLEAN NOT NULL DEFAULT FALSE
+    sync_id      TEXT PRIMARY KEY,
+    paused       BOOLEAN NOT NULL DEFAULT FALSE,
+    triggered_at DOUBLE PRECISION
 );
 CREATE TABLE IF NOT EXISTS instances (
     instance_id TEXT PRIMARY KEY,
@@ -227,6 +231,16 @@ def _neutral(cls):
     return cls
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def default_instance_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -262,7 +276,10 @@ class PostgresStore:
 
     @classmethod
     async def open(cls, url: str, *, readonly: bool = False, instance_id: str | None = None, lease_ttl: float = 30.0,
-                   pool_size: int = 10, connect_timeout: float = 10.0) -> PostgresStore:
+                   pool_size: int = 10, connect_timeout: float = 10.0, instance: bool = True) -> PostgresStore:
+        """`instance`: this store takes part as an instance (heartbeat, LISTEN, delivery claims, leases).
+        The CLI opens one without: a `syncd status` must not count as a live instance, which would
+        make the daemons give up leases for a moment."""
         pool = await asyncpg.create_pool(url, min_size=1, max_size=max(2, pool_size), timeout=connect_timeout,
                                          command_timeout=max(60.0, lease_ttl * 2))
         try:
@@ -271,9 +288,15 @@ class PostgresStore:
         except BaseException:
             await pool.close()
             raise
-        store = cls(pool, url, instance_id=instance_id or default_instance_id(), lease_ttl=lease_ttl, readonly=readonly)
-        if not readonly:
-            await store._beat()
+        store = cls(pool, url, instance_id=instance_id or default_instance_id(), lease_ttl=lease_ttl,
+                    readonly=readonly or not instance)
+        if instance and not readonly:
+            try:
+                await store._beat()
+                await store._listen()
+            except BaseException:
+                await pool.close()
+                raise
             store._heartbeat = asyncio.create_task(store._heartbeats(), name="state-heartbeat")
         return store
 
@@ -334,11 +357,23 @@ class PostgresStore:
     async def _beat(self) -> None:
         """Renew this instance's heartbeat; notice a lapse (paused, or cut off for too long)."""
         started = time.monotonic()
+        host, pid = socket.gethostname(), os.getpid()
         async with self._transaction() as conn:
             alive = await conn.fetchval(
                 f"UPDATE instances SET expires_at = {_NOW} + $2 WHERE instance_id = $1 AND expires_at > {_NOW} "
-                "RETURNING instance_id", self.instance_id, self.lease_ttl)
+                "AND hostname = $3 AND pid = $4 RETURNING instance_id", self.instance_id, self.lease_ttl, host, pid)
             if alive is None:
+                other = await conn.fetchrow(
+                    f"SELECT hostname, pid FROM instances WHERE instance_id = $1 AND expires_at > {_NOW}", self.instance_id)
+                if other is not None and (other[0], other[1]) != (host, pid):
+                    if other[0] == host and not _running(other[1]):
+                        log.info("taking over the instance of a process that is gone", instance=self.instance_id,
+                                 previous_pid=other[1])
+                    else:
+                        log.warning("another live process uses this instance_id; taking it over", instance=self.instance_id,
+                                    other=f"{other[0]}:{other[1]}",
+                                    hint="give every syncd instance its own instance_id: two processes under one "
+                                         "name share leases and claims and keep taking them from each other")
                 # New, or it expired: others may have taken our claims and leases. Start afresh.
                 if self._alive_until:
                     self._lapses += 1
@@ -346,8 +381,7 @@ class PostgresStore:
                 await conn.execute(
                     f"INSERT INTO instances (instance_id, hostname, pid, started_at, expires_at) "
                     f"VALUES ($1, $2, $3, {_NOW}, {_NOW} + $4) ON CONFLICT (instance_id) DO UPDATE SET "
-                    f"expires_at = {_NOW} + $4, pid = $3", self.instance_id, socket.gethostname(), os.getpid(),
-                    self.lease_ttl)
+                    f"expires_at = {_NOW} + $4, hostname = $2, pid = $3", self.instance_id, host, pid, self.lease_ttl)
                 await conn.execute("UPDATE outbox SET claimed_by = NULL WHERE claimed_by = $1", self.instance_id)
         if started > self._alive_until and self._alive_until:
             self._lapses += 1  # our own clock says the heartbeat had lapsed meanwhile
@@ -610,6 +644,21 @@ class PostgresStore:
                 held.update({r[0]: r[1] for r in rows})
         self.tokens = held
         return dict(held)
+
+    async def request_trigger(self, sync_id: str) -> None:
+        """Ask the instance holding the sync's lease to poll it now (at its next lease renewal)."""
+        await self._pool.execute(
+            f"INSERT INTO sync_controls (sync_id, triggered_at) VALUES ($1, {_NOW}) "
+            f"ON CONFLICT (sync_id) DO UPDATE SET triggered_at = {_NOW}", sync_id)
+
+    async def take_triggers(self, held: list[str]) -> list[str]:
+        """The syncs among `held` that some instance was asked to poll now; the requests are consumed."""
+        if not held:
+            return []
+        rows = await self._pool.fetch(
+            "UPDATE sync_controls SET triggered_at = NULL WHERE sync_id = ANY($1::text[]) AND triggered_at IS NOT NULL "
+            "RETURNING sync_id", held)
+        return [r[0] for r in rows]
 
     async def lease_owners(self) -> dict[str, str]:
         """Which live instance holds each sync's lease."""
