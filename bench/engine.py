@@ -198,6 +198,11 @@ def instrument() -> list[str]:
         (Store, "commit_run", "Store.commit_run"),
         (Store, "record_run", "Store.record_run"),
     ]
+    stages += [
+        (syncd.engine, "split_list", "split_list (msgspec: raw items)"),
+        (syncd.diff.SnapshotBuilder, "add_raw", "SnapshotBuilder.add_raw (parse+fp each)"),
+    ]
+    stages = [(owner, name, label) for owner, name, label in stages if hasattr(owner, name)]
     for owner, name, label in stages:
         setattr(owner, name, _timed(label, getattr(owner, name)))
     return [label for _, _, label in stages]

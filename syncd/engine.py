@@ -24,7 +24,7 @@ from syncd.errors import CommitError, FetchError, RunError
 from syncd.events import DELTA, INITIAL, LIFECYCLE_KEY, EventType, envelope, lifecycle, new_id
 from syncd.jsonpath import without
 from syncd.records import dumps as exact_dumps
-from syncd.records import parse_document, parse_json
+from syncd.records import may_need_exact, parse_document, parse_json, split_list
 from syncd.source.fetcher import Fetch, Page, Source
 from syncd.source.paginate import next_page_hint
 from syncd.store import (
@@ -132,8 +132,16 @@ def _gc_paused():
 def _extract(sync: Sync, body: bytes) -> tuple[diff.Snapshot, str | None]:
     """Parse and extract a one-page response (in a worker thread when it is large)."""
     with _gc_paused():
-        document, exact = parse_document(body)
         builder = diff.SnapshotBuilder(sync.id, sync.list_path, sync.id_path, sync.ignore_paths)
+        steps = sync.list_path.steps if sync.list_path is not None else None
+        split = split_list(body, steps) if steps is not None else None
+        if split is not None:
+            # A list along a plain path: record by record, never the whole document at once.
+            items, hints = split
+            builder.add_raw(items, exact_possible=may_need_exact(body))
+            del items, split
+            return builder.finish(), next_page_hint(None, hints)
+        document, exact = parse_document(body)
         builder.add(document, exact=exact)
         hint = next_page_hint(None, document) if sync.list_path is not None else None
         del document  # freed before the collector runs again: the records live on in the snapshot
@@ -168,7 +176,8 @@ def _build(sync: Sync, snap: diff.Snapshot, plan: diff.Plan, run_id: str, sync_t
             counts[change.type] += 1
             if change.type not in wanted:
                 continue
-            data, fields = change.record, None
+            # The record may still be its raw bytes (diff.SnapshotBuilder.add_raw): parsed only now.
+            data, fields = diff.record_value(change.record, snap.exact_possible), None
             if keep and change.type != EventType.NEW:
                 before = old_bodies.get(change.record_id)
                 if change.type == EventType.DELETED:
@@ -176,7 +185,7 @@ def _build(sync: Sync, snap: diff.Snapshot, plan: diff.Plan, run_id: str, sync_t
                 elif before is not None:
                     # changedFields never names an ignored path: both sides are compared without them.
                     old_record = orjson.loads(before)
-                    new_record = change.record
+                    new_record = data
                     if ignore:
                         old_record, new_record = without(old_record, ignore), without(new_record, ignore)
                     fields = diff.changed_fields(old_record, new_record)
@@ -187,14 +196,16 @@ def _build(sync: Sync, snap: diff.Snapshot, plan: diff.Plan, run_id: str, sync_t
         bodies, new_dict = None, None
         if keep:
             dumps = exact_dumps if snap.exact else orjson.dumps
-            records = snap.records
+            records, exact_possible = snap.records, snap.exact_possible
+
+            def sorted_json(rid: str) -> bytes:
+                return dumps(diff.record_value(records[rid], exact_possible), option=orjson.OPT_SORT_KEYS)
+
             if body_dict is None:
                 ids = list(records)
                 step = max(1, len(ids) // 64)
-                body_dict = new_dict = body_dictionary(
-                    [dumps(records[rid], option=orjson.OPT_SORT_KEYS) for rid in ids[::step][:64]])
-            bodies = {rid: compress_body(dumps(records[rid], option=orjson.OPT_SORT_KEYS), body_dict)
-                      for rid in plan.upserts}
+                body_dict = new_dict = body_dictionary([sorted_json(rid) for rid in ids[::step][:64]])
+            bodies = {rid: compress_body(sorted_json(rid), body_dict) for rid in plan.upserts}
         snap.records = {}
         return _Analysis(snap.fingerprints, snap.invalid_ids, snap.duplicate_ids, snap.invalid_examples,
                          events, plan.upserts, plan.deletes, counts, plan.missing, bodies, new_dict)

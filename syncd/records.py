@@ -6,14 +6,21 @@ rounding would never be reported. Such numbers need 16 or more significant digit
 beyond a double's range), so a quick scan of the raw bytes sends the rare body that has one to an
 exact parser; every other body takes the fast path unchanged. Numbers a double cannot hold become
 `ExactNumber`s, written back as the same digits.
+
+A large list need not become one big document: `split_list` finds the array a plain list path
+leads to in one pass (msgspec) and hands back each record as its raw bytes, so each record is
+parsed alone (`parse_record`) and can be dropped, or kept as bytes, once it is fingerprinted.
 """
 
 from __future__ import annotations
 
+import codecs
+import functools
 import json
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import msgspec
 import orjson
 
 from syncd.errors import ParseError
@@ -54,6 +61,92 @@ def _may_need_exact(body: bytes) -> bool:
         if body[start:start + _CHUNK + 15].translate(_SCAN).find(_RUN) != -1:
             return True
     return False
+
+
+def parse_record(raw: Any, exact_possible: bool) -> tuple[Any, bool]:
+    """One record from split_list (`raw`: its bytes, or a buffer over them), and whether it holds
+    ExactNumbers. `exact_possible`: the whole body may hold such numbers (records.may_need_exact)."""
+    view = memoryview(raw)
+    if not exact_possible:
+        try:
+            return orjson.loads(view), False
+        except orjson.JSONDecodeError:
+            pass  # 1e400 (the exact path reads it), or deeper than orjson allows (reported below)
+    return parse_document(bytes(view))
+
+
+def may_need_exact(body: Any) -> bool:
+    """Whether `body` may hold a number that only the exact parser keeps (see the module doc)."""
+    return _may_need_exact(body)
+
+
+#: The top-level keys that hint at more pages (source.paginate.next_page_hint reads them).
+HINT_KEYS = ("has_more", "next", "next_url", "next_cursor", "nextPageToken", "links", "meta")
+
+
+@functools.lru_cache(maxsize=256)
+def _list_decoder(steps: tuple[str | int, ...]) -> msgspec.json.Decoder | None:
+    """A decoder that keeps only the array at `steps` (as raw items) and the top level's hint keys,
+    skipping everything else without building it. None for paths it cannot express."""
+    if any(type(step) is not str for step in steps) or (steps and steps[0] in HINT_KEYS):
+        return None
+    kind: Any = list[msgspec.Raw]
+    for depth, key in enumerate(reversed(steps)):
+        fields: list[tuple] = [("value", kind)]
+        rename = {"value": key}
+        if depth == len(steps) - 1:
+            for i, hint in enumerate(HINT_KEYS):
+                fields.append((f"hint{i}", msgspec.Raw, None))
+                rename[f"hint{i}"] = hint
+        kind = msgspec.defstruct(f"Level{len(steps) - 1 - depth}", fields, rename=rename)
+    return msgspec.json.Decoder(kind)
+
+
+def split_list(body: Any, steps: tuple[str | int, ...]) -> tuple[list[msgspec.Raw], dict[str, Any]] | None:
+    """The items of the array that the plain list path `steps` leads to, each as raw bytes, and the
+    top-level hint keys present (parsed); in one pass that builds nothing else.
+
+    None when this cannot decide: an index step, a value of another type on the way, invalid or
+    too deeply nested JSON, a body that is not UTF-8. Then parse the whole document: that path
+    gives the result, or the error, exactly as before. Each item still has to go through
+    parse_record, which is as strict as parse_json about what is inside it."""
+    decoder = _list_decoder(steps)
+    if decoder is None:
+        return None
+    try:
+        found = decoder.decode(body)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+        return None
+    if not _valid_utf8(body):  # msgspec does not check the strings it skips
+        return None
+    hints: dict[str, Any] = {}
+    if steps:
+        for i, key in enumerate(HINT_KEYS):
+            value = getattr(found, f"hint{i}")
+            if value is not None:
+                try:
+                    hints[key] = orjson.loads(memoryview(value))
+                except orjson.JSONDecodeError:
+                    return None
+        for _ in steps:
+            found = found.value
+    return found, hints
+
+
+def _valid_utf8(body: Any) -> bool:
+    if body.isascii():
+        return True
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(body)
+    try:
+        for start in range(0, len(view), _CHUNK * 16):
+            decoder.decode(view[start:start + _CHUNK * 16])
+        decoder.decode(b"", True)
+    except UnicodeDecodeError:
+        return False
+    finally:
+        view.release()
+    return True
 
 
 def parse_json(body: bytes) -> Any:
