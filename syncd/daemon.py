@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -55,6 +56,8 @@ class Daemon:
         #: Why the state database cannot be reached now, if it cannot (PostgreSQL).
         self._state_unreachable: str | None = None
         self._background: set[asyncio.Task] = set()
+        #: This instance's name in leases and claims (state_url).
+        self.instance_id = settings.instance_id or f"{socket.gethostname()}:{os.getpid()}"
         self._lock_fd: int | None = None
         self._lease_ok_at = time.monotonic()
         #: Why the state database cannot be trusted any more (deleted or replaced under us), if so.
@@ -91,6 +94,10 @@ class Daemon:
             except BaseException:
                 os.close(self._lock_fd)
                 raise
+        if shared:
+            self._owned = set()  # no sync is ours before the first lease renewal
+        self.metrics.instance_info.info({"instance_id": self.instance_id if shared else "",
+                                         "backend": "postgresql" if shared else "sqlite"})
         poll_session_ = poll_session()
         source = Source(poll_session_, max_bytes=int(settings.max_response_bytes),
                         max_requests_per_host=settings.max_requests_per_host)
@@ -123,7 +130,6 @@ class Daemon:
                                         not_before=not_before)
             self.registry.paused = await store.paused()
             if shared:
-                self._owned = set()
                 store.start_leasing()
                 await self._lease_tick()  # take a first share before scheduling anything
             self._scheduler.update(self._mine(self.registry.active), startup=True)
@@ -246,6 +252,7 @@ class Daemon:
             self._targets[sync.id] = Target(sync.spec.webhook_url, self._secret(sync))
             self.metrics.add_sync(sync.id)
             self.metrics.interval.labels(sync.id).set(sync.spec.interval)
+            self.metrics.owned.labels(sync.id).set(1 if self._owned is None or sync.id in self._owned else 0)
         for sync_id in removed:
             self.metrics.remove_sync(sync_id)
         self.metrics.syncs.set(len(syncs))
@@ -289,7 +296,7 @@ class Daemon:
         while not self._stop.is_set():
             try:
                 store = await open_store(state_path=settings.state_path, state_url=settings.state_url.get_secret_value(),
-                                         instance_id=settings.instance_id, lease_ttl=settings.lease_ttl,
+                                         instance_id=self.instance_id, lease_ttl=settings.lease_ttl,
                                          pool_size=settings.state_pool_size)
             except StoreError as exc:
                 if exc.kind == "schema":
@@ -347,6 +354,9 @@ class Daemon:
                     sid: await store.sync_state(sid) for sid in gained}
                 self._scheduler.remember({sid: states[sid] for sid in gained if sid in states})
             self._owned = held
+            for sync_id in gained | lost:
+                if self.metrics.known(sync_id):
+                    self.metrics.owned.labels(sync_id).set(1 if sync_id in held else 0)
             self._schedule(self.registry.active)
             log.info("leases changed", held=len(held), gained=sorted(gained)[:20], lost=sorted(lost)[:20],
                      instance=store.instance_id)

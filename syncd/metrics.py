@@ -158,6 +158,7 @@ class Metrics:
         g = self._global = CollectorRegistry(auto_describe=True)
         self.build_info = Info("syncd_build", "syncd version", registry=g)
         self.build_info.info({"version": __version__})
+        self.instance_info = Info("syncd_instance", "This instance's name in leases and its state backend", registry=g)
         self.syncs = Gauge("syncd_syncs", "Valid sync definitions loaded", registry=g)
         self.poll_duration = Histogram("syncd_sync_poll_duration_seconds", "Duration of a poll, fetch to commit",
                                        hist_labels, buckets=POLL_BUCKETS, registry=g)
@@ -185,6 +186,9 @@ class Metrics:
                                    "Deletions held back by max_delete_fraction (the run failed instead)", "counter")
         self.interval = family("syncd_sync_interval_seconds",
                                "The sync's poll interval (for alerts: stale after N intervals)", "gauge")
+        self.owned = family("syncd_sync_owned",
+                            "1 if this instance polls the sync (holds its lease with state_url; always with SQLite)",
+                            "gauge")
         self.deliveries = family("syncd_deliveries", "Webhook events delivered (2xx)", "counter")
         self.delivery_failures = family("syncd_delivery_failures", "Failed delivery attempts", "counter")
         self.queue_depth = family("syncd_delivery_queue_depth", "Events waiting for delivery (not dead)", "gauge")
@@ -192,13 +196,13 @@ class Metrics:
         self.oldest_pending = family("syncd_delivery_oldest_pending_age_seconds", "Age of the oldest undelivered event",
                                      "gauge")
         self._per_sync = [self.sync_up, self.polls, self.poll_failures, self.records, self.last_success, self.last_change,
-                          self.interval, self.deletes_held, self.deliveries, self.delivery_failures, self.queue_depth,
+                          self.interval, self.owned, self.deletes_held, self.deliveries, self.delivery_failures, self.queue_depth,
                           self.dead_letters, self.oldest_pending]
         self._families = SyncFamilies([*self._per_sync, self.events, self.skipped])
 
         # Everything in one registry, for generate_latest() and anyone who reads the registry.
         self.registry = CollectorRegistry(auto_describe=True)
-        for collector in (self.build_info, self.syncs, self.poll_duration, self.reloads, self.reload_failures,
+        for collector in (self.build_info, self.instance_info, self.syncs, self.poll_duration, self.reloads, self.reload_failures,
                           self.config_problems, self.delivery_duration, self._families):
             self.registry.register(collector)
         self._histograms = [self.poll_duration, self.delivery_duration] if per_sync_histograms else []

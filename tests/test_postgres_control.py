@@ -42,3 +42,9 @@ async def test_pause_and_trigger_through_an_instance_that_does_not_poll_the_sync
     owner = "a" if a.daemon._owned else "b"
     assert [v["owner"] for v in await a.daemon.syncs_status()] == [owner]
     assert [v["owner"] for v in await b.daemon.syncs_status()] == [owner]
+    # Metrics: the owner says 1, the other 0, and each names itself.
+    owner_d, other_d = (a, b) if owner == "a" else (b, a)
+    owner_text, other_text = owner_d.daemon.metrics.render().decode(), other_d.daemon.metrics.render().decode()
+    assert 'syncd_sync_owned{sync="one"} 1.0' in owner_text
+    assert 'syncd_sync_owned{sync="one"} 0.0' in other_text
+    assert f'syncd_instance_info{{backend="postgresql",instance_id="{owner}"}} 1.0' in owner_text
