@@ -196,12 +196,14 @@ class SnapshotBuilder:
             raise ExtractError(f"list_identifier {list_path.text} leads to {_json_type(items)}{where}, not an array")
         self._add_items(items, page, exact)
 
-    def add_raw(self, items: list[msgspec.Raw], *, exact_possible: bool) -> None:
+    def add_raw(self, items: list[msgspec.Raw], *, exact_possible: bool, keep_json: bool = False) -> None:
         """Add the records of a one-page list response split by records.split_list: each record is
         parsed alone, fingerprinted and dropped, so the response never exists as one big document
         (a 1M-record list costs ~300 B a record here instead of ~2.4 KB).
 
-        Kept for the events is the raw record: nothing is copied, it points into the response."""
+        Kept for the events is the raw record (nothing is copied: it points into the response) or,
+        with `keep_json` (every record will be sent, as in an initial run), its compact JSON,
+        rendered now while the parsed value is at hand."""
         self.exact_possible = self.exact_possible or exact_possible
         add_id, add_digest, keep = self._ids.append, self._digests.append, self._kept.append
         get_id = self._get_id
@@ -235,10 +237,11 @@ class SnapshotBuilder:
             if exact:
                 exact_seen = True
                 add_digest(xxh3_128_digest(exact_dumps(without(record, ignore_list) if ignore_list else record, option=sort)))
-                keep(raw)
+                keep(bytes(memoryview(exact_dumps(record))) if keep_json else raw)
             else:
                 add_digest(xxh3_128_digest(dumps(without(record, ignore_list) if ignore_list else record, option=sort)))
-                keep(raw)
+                # An exact-size copy: orjson's own result sits in a ~4 KiB block (400 MB per 100k kept).
+                keep(bytes(memoryview(dumps(record))) if keep_json else raw)
         self.exact = self.exact or exact_seen
         self._all_str = all_str
         self.invalid += invalid

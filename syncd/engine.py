@@ -21,7 +21,7 @@ from xxhash import xxh3_128, xxh3_128_digest
 from syncd import diff
 from syncd.config import Sync, scrub
 from syncd.errors import CommitError, FetchError, RunError
-from syncd.events import DELTA, INITIAL, LIFECYCLE_KEY, EventType, envelope, lifecycle, new_id
+from syncd.events import DELTA, INITIAL, LIFECYCLE_KEY, Envelopes, EventType, lifecycle, new_id, new_ids
 from syncd.jsonpath import without
 from syncd.records import dumps as exact_dumps
 from syncd.records import may_need_exact, parse_document, parse_json, split_list
@@ -129,8 +129,9 @@ def _gc_paused():
                 gc.enable()
 
 
-def _extract(sync: Sync, body: bytes) -> tuple[diff.Snapshot, str | None]:
-    """Parse and extract a one-page response (in a worker thread when it is large)."""
+def _extract(sync: Sync, body: bytes, keep_json: bool = False) -> tuple[diff.Snapshot, str | None]:
+    """Parse and extract a one-page response (in a worker thread when it is large). `keep_json`:
+    every record will be sent (see SnapshotBuilder.add_raw)."""
     with _gc_paused():
         builder = diff.SnapshotBuilder(sync.id, sync.list_path, sync.id_path, sync.ignore_paths)
         steps = sync.list_path.steps if sync.list_path is not None else None
@@ -138,7 +139,7 @@ def _extract(sync: Sync, body: bytes) -> tuple[diff.Snapshot, str | None]:
         if split is not None:
             # A list along a plain path: record by record, never the whole document at once.
             items, hints = split
-            builder.add_raw(items, exact_possible=may_need_exact(body))
+            builder.add_raw(items, exact_possible=may_need_exact(body), keep_json=keep_json)
             del items, split
             return builder.finish(), next_page_hint(None, hints)
         document, exact = parse_document(body)
@@ -167,39 +168,43 @@ def _build(sync: Sync, snap: diff.Snapshot, plan: diff.Plan, run_id: str, sync_t
         tally = EventType.ALL_CONSUMED in spec.events
         run_key = run_id if tally else None
         counts = {EventType.NEW: 0, EventType.MODIFIED: 0, EventType.DELETED: 0}
-        now = time.time()
-        timestamp = iso_time(now)
-        webhook_url = spec.webhook_url
-        ignore = list(sync.ignore_paths)
-        events: list[OutboxEvent] = []
         for change in plan.changes:
             counts[change.type] += 1
-            if change.type not in wanted:
-                continue
-            # The record may still be its raw bytes (diff.SnapshotBuilder.add_raw): parsed only now.
-            data, fields = diff.record_value(change.record, snap.exact_possible), None
-            if keep and change.type != EventType.NEW:
-                before = old_bodies.get(change.record_id)
-                if change.type == EventType.DELETED:
-                    data = orjson.Fragment(before) if before is not None else None
-                elif before is not None:
-                    # changedFields never names an ignored path: both sides are compared without them.
-                    old_record = orjson.loads(before)
-                    new_record = data
-                    if ignore:
-                        old_record, new_record = without(old_record, ignore), without(new_record, ignore)
-                    fields = diff.changed_fields(old_record, new_record)
-            event_id = new_id("evt")
-            body = envelope(event_id, change.type, data, sync_type=sync_type, sync_id=sync.id, run_id=run_id,
-                            record_id=change.record_id, timestamp=timestamp, exact=snap.exact, changed_fields=fields)
-            events.append(OutboxEvent(event_id, sync.id, change.record_id, change.type, webhook_url, now, body, run_key))
+        sent = [change for change in plan.changes if change.type in wanted]
+        now = time.time()
+        render = Envelopes(sync_type=sync_type, sync_id=sync.id, run_id=run_id, timestamp=iso_time(now)).render
+        webhook_url, sid = spec.webhook_url, sync.id
+        ignore = list(sync.ignore_paths)
+        exact_possible, exact = snap.exact_possible, snap.exact
+        record_json, record_value = diff.record_json, diff.record_value
+        DELETED, NEW = EventType.DELETED, EventType.NEW
+        events: list[OutboxEvent] = []
+        add = events.append
+        for change, event_id in zip(sent, new_ids("evt", len(sent)), strict=True):
+            kind, record_id, fields = change.type, change.record_id, None
+            if kind == DELETED:
+                before = old_bodies.get(record_id) if keep else None
+                data = before if before is not None else b"null"
+            else:
+                data = record_json(change.record, exact_possible, exact)
+                if keep and kind != NEW:
+                    before = old_bodies.get(record_id)
+                    if before is not None:
+                        # changedFields never names an ignored path: both sides are compared without them.
+                        old_record = orjson.loads(before)
+                        new_record = record_value(change.record, exact_possible)
+                        if ignore:
+                            old_record, new_record = without(old_record, ignore), without(new_record, ignore)
+                        fields = diff.changed_fields(old_record, new_record)
+            add(OutboxEvent(event_id, sid, record_id, kind, webhook_url, now, render(event_id, kind, data, record_id, fields),
+                            run_key))
         bodies, new_dict = None, None
         if keep:
             dumps = exact_dumps if snap.exact else orjson.dumps
-            records, exact_possible = snap.records, snap.exact_possible
+            records = snap.records
 
             def sorted_json(rid: str) -> bytes:
-                return dumps(diff.record_value(records[rid], exact_possible), option=orjson.OPT_SORT_KEYS)
+                return dumps(record_value(records[rid], exact_possible), option=orjson.OPT_SORT_KEYS)
 
             if body_dict is None:
                 ids = list(records)
@@ -336,7 +341,9 @@ async def _poll_one(run: _Run, fetch: Fetch) -> None:
     if page.empty:
         snap, hint = diff.Snapshot({}, {}), None
     else:
-        snap, hint = await asyncio.to_thread(_extract, sync, body) if big else _extract(sync, body)
+        # An initial run sends every record: render each one's JSON while it is parsed anyway.
+        keep_json = run.initial and not run.rebaseline and sync.spec.initial_sync != "skip" and EventType.NEW in sync.spec.events
+        snap, hint = await asyncio.to_thread(_extract, sync, body, keep_json) if big else _extract(sync, body, keep_json)
     del body, page, pages
     await _finish(run, snap, body_hash, validators, header_hint or hint, big=big)
 

@@ -40,6 +40,41 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{int(time.time() * 1000):012x}{os.urandom(10).hex()}"
 
 
+def new_ids(prefix: str, count: int) -> list[str]:
+    """`count` ids like new_id's, in ascending order, the random bits of all of them from one
+    os.urandom call (one call per id cost 112 ms per 100k ids, one call for all 37 ms).
+
+    Ascending, because the outbox's unique index on eventId takes them in order: 100k ids sharing
+    one millisecond in random order made the outbox insert of an initial run ~30% slower."""
+    stamp = f"{prefix}_{int(time.time() * 1000):012x}"
+    random = os.urandom(10 * count).hex()
+    return sorted([stamp + random[i:i + 20] for i in range(0, 20 * count, 20)])
+
+
+class Envelopes:
+    """Envelopes of one run, rendered from parts: what is the same for every event of the run is
+    serialised once, and each event's record is spliced in as the JSON it already is. Gives
+    exactly the bytes `envelope` gives (a test holds them equal)."""
+
+    __slots__ = ("_middle", "_tail", "_heads")
+
+    def __init__(self, *, sync_type: str | None, sync_id: str, run_id: str, timestamp: str) -> None:
+        self._middle = b"".join((b',"syncType":', orjson.dumps(sync_type), b',"syncJobId":', orjson.dumps(sync_id),
+                                 b',"syncRunId":', orjson.dumps(run_id), b',"recordId":'))
+        self._tail = b',"timestamp":' + orjson.dumps(timestamp) + b"}"
+        self._heads: dict[str, bytes] = {}
+
+    def render(self, event_id: str, event_type: str, data_json: bytes, record_id: str | None,
+               changed_fields: list[str] | None = None) -> bytes:
+        """The body of one event; `data_json` is eventData as compact JSON (b"null" for none)."""
+        head = self._heads.get(event_type)
+        if head is None:
+            head = self._heads[event_type] = b',"eventType":' + orjson.dumps(event_type) + b',"eventData":'
+        fields = b"" if changed_fields is None else b',"changedFields":' + orjson.dumps(changed_fields)
+        return b"".join((b'{"eventId":', orjson.dumps(event_id), head, data_json, fields, self._middle,
+                         orjson.dumps(record_id), self._tail))
+
+
 def envelope(event_id: str, event_type: str, data: Any, *, sync_type: str | None, sync_id: str, run_id: str,
              record_id: str | None, timestamp: str, exact: bool = False, changed_fields: list[str] | None = None) -> bytes:
     """The webhook body: Knit's envelope plus a timestamp, as exact-size bytes. `changed_fields`

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncd import diff
 from syncd.errors import ExtractError
+from syncd.events import Envelopes, envelope, new_ids
 from syncd.jsonpath import compile_path
 from syncd.records import may_need_exact, parse_document, split_list
 from syncd.source.paginate import next_page_hint
@@ -145,3 +147,19 @@ async def test_a_next_page_hint_beside_the_list_still_holds_deletes(upstream, co
         upstream.body = {"items": [{"id": 1}], "links": {"next": "/page/2"}}
         held = await h.poll("s")
         assert held.ok and kinds(held) == [] and "links.next" in held.warning
+
+
+def test_envelopes_rendered_from_parts_are_the_envelope_bytes():
+    for sync_type, record_id, fields in [("initial_sync", "1", None), ("delta_sync", 'é"\n\u2028', ["$.a", "$['x y']"]),
+                                         (None, "7", [])]:
+        parts = Envelopes(sync_type=sync_type, sync_id="s\u00e9", run_id="run_1", timestamp="2026-11-27T10:00:00.123Z")
+        for data in ({"a": [1, 2.5, None], "b": "\u2603"}, None, []):
+            expected = envelope("evt_1", "record.modified", data, sync_type=sync_type, sync_id="s\u00e9", run_id="run_1",
+                                record_id=record_id, timestamp="2026-11-27T10:00:00.123Z", changed_fields=fields)
+            assert parts.render("evt_1", "record.modified", orjson.dumps(data), record_id, fields) == expected
+
+
+def test_event_ids_from_one_random_draw_are_unique_and_well_formed():
+    ids = new_ids("evt", 10_000)
+    assert len(set(ids)) == 10_000 and ids == sorted(ids) and new_ids("evt", 0) == []
+    assert all(len(i) == 36 and i.startswith("evt_") and int(i[4:], 16) >= 0 for i in ids)
