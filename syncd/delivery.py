@@ -196,12 +196,15 @@ class Deliverer:
         self._turn += 1
         order = (syncs[start:] + syncs[:start])[:MAX_SYNCS_PER_REFILL]
         batches: list[list[PendingEvent]] = []
-        for sync_id in order:
-            held = self._claims_by_sync[sync_id]
-            room = min(BATCH, cap - held) if shared else BATCH
-            if room <= 0:
-                continue
-            batches.append(await self.store.claim_due(now, room, sync_id=sync_id if shared else None))
+        if shared:
+            rooms = {sid: min(BATCH, cap - self._claims_by_sync[sid]) for sid in order}
+            rooms = {sid: room for sid, room in rooms.items() if room > 0}
+            by_sync: dict[str, list[PendingEvent]] = {}
+            for event in await self.store.claim_spread(now, rooms):  # one query for all of them
+                by_sync.setdefault(event.sync_id, []).append(event)
+            batches = [by_sync[sid] for sid in order if sid in by_sync]
+        else:
+            batches.append(await self.store.claim_due(now, BATCH))
         found = 0
         for group in itertools.zip_longest(*batches):
             for event in group:

@@ -165,7 +165,44 @@ CREATE TABLE IF NOT EXISTS leases (
     owner      TEXT,
     token      BIGINT NOT NULL DEFAULT 0,
     expires_at DOUBLE PRECISION NOT NULL DEFAULT 0
-)
+);
+-- A poll that changed no fingerprint (unchanged, failed), in one statement: the fence (when p_owner
+-- is given), the sync row, the run history and its trim. Returns NULL, or who holds the lease now.
+CREATE OR REPLACE FUNCTION syncd_record_run(
+    p_sync_id TEXT, p_owner TEXT, p_token BIGINT, p_finished DOUBLE PRECISION, p_outcome TEXT, p_error TEXT,
+    p_success BOOLEAN, p_validators TEXT, p_not_before DOUBLE PRECISION, p_deletes_held BIGINT, p_run_id TEXT,
+    p_started DOUBLE PRECISION, p_sync_type TEXT, p_records BIGINT, p_new BIGINT, p_modified BIGINT,
+    p_deleted BIGINT, p_invalid BIGINT, p_duplicate BIGINT, p_pages BIGINT, p_warning TEXT, p_keep INTEGER
+) RETURNS TEXT LANGUAGE plpgsql AS $$
+DECLARE
+    holder TEXT;
+    held_token BIGINT;
+    live BOOLEAN;
+BEGIN
+    IF p_owner IS NOT NULL THEN
+        SELECT owner, token, expires_at > extract(epoch from clock_timestamp()) INTO holder, held_token, live
+        FROM leases WHERE sync_id = p_sync_id FOR SHARE;
+        IF NOT FOUND OR holder IS DISTINCT FROM p_owner OR held_token <> p_token OR NOT live THEN
+            RETURN coalesce(holder, 'nobody');
+        END IF;
+    END IF;
+    INSERT INTO syncs AS s (sync_id, last_run_at, last_outcome, last_error, last_success_at, next_run_at, deletes_held)
+    VALUES (p_sync_id, p_finished, p_outcome, p_error, CASE WHEN p_success THEN p_finished END, p_not_before,
+            p_deletes_held)
+    ON CONFLICT (sync_id) DO UPDATE SET
+        last_run_at = p_finished, last_outcome = p_outcome, last_error = p_error,
+        last_success_at = CASE WHEN p_success THEN p_finished ELSE s.last_success_at END,
+        validators = CASE WHEN p_success AND p_validators IS NOT NULL THEN p_validators ELSE s.validators END,
+        next_run_at = p_not_before, deletes_held = p_deletes_held;
+    INSERT INTO runs (run_id, sync_id, started_at, finished_at, outcome, sync_type, error, records, new, modified,
+                      deleted, invalid_ids, duplicate_ids, pages, warning)
+    VALUES (p_run_id, p_sync_id, p_started, p_finished, p_outcome, p_sync_type, p_error, p_records, p_new,
+            p_modified, p_deleted, p_invalid, p_duplicate, p_pages, p_warning);
+    DELETE FROM runs WHERE sync_id = p_sync_id
+        AND seq <= (SELECT seq FROM runs WHERE sync_id = p_sync_id ORDER BY seq DESC LIMIT 1 OFFSET p_keep);
+    RETURN NULL;
+END
+$$
 """
 
 #: Each step takes the schema from version N to N+1 (none yet: version 1 is the first).
@@ -231,6 +268,10 @@ def _neutral(cls):
     return cls
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset: nothing to reset (see PostgresStore.open)."""
+
+
 def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -280,8 +321,11 @@ class PostgresStore:
         """`instance`: this store takes part as an instance (heartbeat, LISTEN, delivery claims, leases).
         The CLI opens one without: a `syncd status` must not count as a live instance, which would
         make the daemons give up leases for a moment."""
+        # No reset query when a connection goes back to the pool (asyncpg's default runs one, a
+        # round trip each time): syncd leaves no session state behind (no SET, no session locks,
+        # LISTEN only on its own connection).
         pool = await asyncpg.create_pool(url, min_size=1, max_size=max(2, pool_size), timeout=connect_timeout,
-                                         command_timeout=max(60.0, lease_ttl * 2))
+                                         command_timeout=max(60.0, lease_ttl * 2), reset=_keep_session)
         try:
             async with pool.acquire() as conn:
                 await _migrate(conn, readonly)
@@ -462,7 +506,14 @@ class PostgresStore:
             if commit.deletes:
                 await conn.execute("DELETE FROM records WHERE sync_id = $1 AND record_id = ANY($2::text[])",
                                    sid, commit.deletes)
-            if commit.upserts:
+            if commit.upserts and (commit.replace_all or commit.expected_generation == 0) and len(commit.upserts) > _COPY_OVER:
+                # Nothing stored can conflict (all deleted above, or never committed): COPY, ~4x
+                # faster than an upsert for an initial run of 100k records.
+                bodies = commit.bodies or {}
+                await conn.copy_records_to_table(
+                    "records", columns=["sync_id", "record_id", "fingerprint", "body"],
+                    records=[(sid, rid, fp, bodies.get(rid)) for rid, fp in commit.upserts.items()])
+            elif commit.upserts:
                 ids = list(commit.upserts)
                 bodies = commit.bodies
                 await conn.execute(
@@ -526,6 +577,21 @@ class PostgresStore:
                          fenced: bool | None = None) -> None:
         success = run.outcome != "failed"
         fenced = self.leasing if fenced is None else fenced
+        if not events:
+            # The common case (unchanged and failed polls): one round trip, one statement.
+            token = self.tokens.get(run.sync_id, -1) if fenced else None
+            holder = await self._pool.fetchval(
+                "SELECT syncd_record_run($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, "
+                "$18, $19, $20, $21, $22)",
+                run.sync_id, self.instance_id if fenced else None, token, run.finished_at, run.outcome, run.error,
+                success, _dump_validators(validators), not_before, deletes_held, run.run_id, run.started_at,
+                run.sync_type, run.records, run.new, run.modified, run.deleted, run.invalid_ids, run.duplicate_ids,
+                run.pages, run.warning, RUNS_KEPT)
+            if holder is not None:
+                self.tokens.pop(run.sync_id, None)
+                raise LeaseLost(f"{self.instance_id} no longer holds the lease on {run.sync_id} (held by {holder}); "
+                                "nothing was written")
+            return
         async with self._transaction() as conn:
             if fenced:
                 await self._fence(conn, run.sync_id)
@@ -593,6 +659,8 @@ class PostgresStore:
         return self._leasing
 
     _leasing = False
+    #: This instance's fair share of the syncs at the last lease_tick.
+    share = 0
 
     def start_leasing(self) -> None:
         self._leasing = True
@@ -619,7 +687,7 @@ class PostgresStore:
                 for s in gone:
                     del held[s]
             live = await conn.fetchval(f"SELECT count(*) FROM instances WHERE expires_at > {_NOW}") or 1
-            share = -(-len(wanted) // max(1, live))
+            share = self.share = -(-len(wanted) // max(1, live))
             if len(held) > share:
                 extra = sorted(held, key=lambda s: (s not in busy, s), reverse=True)[:len(held) - share]
                 extra = [s for s in extra if s not in busy] or []
@@ -674,21 +742,48 @@ class PostgresStore:
     async def claim_due(self, now: float, limit: int, sync_id: str | None = None) -> list[PendingEvent]:
         where = "o.sync_id = $4 AND " if sync_id is not None else ""
         args: tuple = (now, limit, self.instance_id) + ((sync_id,) if sync_id is not None else ())
-        async with self._transaction() as conn:
-            rows = await conn.fetch(
-                f"""
-                WITH c AS (
+        # One statement: atomic on its own, and one round trip.
+        rows = await self._pool.fetch(
+            f"""
+            WITH c AS (
+                SELECT o.seq FROM outbox o
+                WHERE {where}o.dead_at IS NULL AND o.next_attempt_at <= $1
+                  AND {_UNCLAIMED.format(me="$3")} AND {_HEAD}
+                ORDER BY o.next_attempt_at, o.seq
+                LIMIT $2
+                FOR UPDATE OF o SKIP LOCKED
+            )
+            UPDATE outbox SET claimed_by = $3 FROM c WHERE outbox.seq = c.seq
+            RETURNING outbox.seq, event_id, sync_id, record_id, event_type, webhook_url, body, attempts,
+                      created_at, next_attempt_at
+            """, *args)
+        rows = sorted(rows, key=lambda r: (r[9], r[0]))
+        lapse = self._lapses
+        for r in rows:
+            self._claim_lapse[r[0]] = lapse
+        return [PendingEvent(*r[:9]) for r in rows]
+
+    async def claim_spread(self, now: float, rooms: dict[str, int]) -> list[PendingEvent]:
+        """claim_due for several syncs at once, up to rooms[sync] events of each: one statement."""
+        if not rooms:
+            return []
+        rows = await self._pool.fetch(
+            f"""
+            WITH q AS (SELECT * FROM unnest($2::text[], $3::int[]) AS q(sync_id, room)),
+            c AS (
+                SELECT x.seq FROM q CROSS JOIN LATERAL (
                     SELECT o.seq FROM outbox o
-                    WHERE {where}o.dead_at IS NULL AND o.next_attempt_at <= $1
-                      AND {_UNCLAIMED.format(me="$3")} AND {_HEAD}
+                    WHERE o.sync_id = q.sync_id AND o.dead_at IS NULL AND o.next_attempt_at <= $1
+                      AND {_UNCLAIMED.format(me="$4")} AND {_HEAD}
                     ORDER BY o.next_attempt_at, o.seq
-                    LIMIT $2
+                    LIMIT q.room
                     FOR UPDATE OF o SKIP LOCKED
-                )
-                UPDATE outbox SET claimed_by = $3 FROM c WHERE outbox.seq = c.seq
-                RETURNING outbox.seq, event_id, sync_id, record_id, event_type, webhook_url, body, attempts,
-                          created_at, next_attempt_at
-                """, *args)
+                ) x
+            )
+            UPDATE outbox SET claimed_by = $4 FROM c WHERE outbox.seq = c.seq
+            RETURNING outbox.seq, event_id, sync_id, record_id, event_type, webhook_url, body, attempts,
+                      created_at, next_attempt_at
+            """, now, list(rooms), list(rooms.values()), self.instance_id)
         rows = sorted(rows, key=lambda r: (r[9], r[0]))
         lapse = self._lapses
         for r in rows:

@@ -660,6 +660,13 @@ class SqliteStore:
                 break
         return out
 
+    async def claim_spread(self, now: float, rooms: dict[str, int]) -> list[PendingEvent]:
+        """claim_due for several syncs at once, up to rooms[sync] events of each."""
+        out: list[PendingEvent] = []
+        for sync_id, room in rooms.items():
+            out += await self.claim_due(now, room, sync_id)
+        return out
+
     def claim_valid(self, event: PendingEvent) -> bool:
         return True  # one process: a claim cannot pass to anyone else
 
