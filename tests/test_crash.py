@@ -19,6 +19,11 @@ Kills are aimed at four moments, chosen with a seeded random.Random:
                request was served, i.e. inside the commit transaction (Linux: seen in /proc/locks);
   * "none":    the run is left to finish.
 Each run is then classified by what was observed at the moment of the kill (see `Run.phase`).
+
+The test runs once per state backend (conftest `backend`). Against PostgreSQL (`--state-url`, a
+schema of its own) the state is read with asyncpg in one REPEATABLE READ snapshot, and "inside the
+commit transaction" means that the process's database session (found by its application_name) has
+a transaction that has written something (pg_stat_activity.backend_xid is set).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import pytest
 
 from syncd.diff import DELETED, MODIFIED, NEW, fingerprint
 
-from conftest import ForkServer, send_signal, write_sync
+from conftest import ForkServer, _drop_schema, _pg_schema, send_signal, write_sync
 
 SYNC_ID = "crash"
 SEED = 20240611
@@ -153,12 +158,13 @@ class _Replay:
 #: whose rows start with exactly the rows replayed last time continues that replay with the new rows
 #: instead of replaying everything again - the same result (the replay is a function of the rows,
 #: compared whole), without redoing ~20k rows in each of ~40 checks.
-_REPLAYS: dict[Path, _Replay] = {}
+_REPLAYS: dict[Any, _Replay] = {}
 
 
-def replay_outbox(state_path: Path, rows: list[tuple], context: str) -> tuple[dict[str, bytes], dict[str, Counter]]:
-    """Replay the outbox `rows` (seq order): the fingerprints they rebuild and the events per run."""
-    last = _REPLAYS.get(state_path)
+def replay_outbox(key: Any, rows: list[tuple], context: str) -> tuple[dict[str, bytes], dict[str, Counter]]:
+    """Replay the outbox `rows` (seq order) of the database `key`: the fingerprints they rebuild
+    and the events per run."""
+    last = _REPLAYS.get(key)
     if last is not None and len(rows) >= len(last.rows) and rows[:len(last.rows)] == last.rows:
         start, replayed, per_run = len(last.rows), dict(last.replayed), {k: Counter(v) for k, v in last.per_run.items()}
     else:
@@ -184,14 +190,115 @@ def replay_outbox(state_path: Path, rows: list[tuple], context: str) -> tuple[di
             del replayed[record_id]
         else:
             pytest.fail(f"{where}: unknown event type")
-    _REPLAYS[state_path] = _Replay(rows, dict(replayed), {k: Counter(v) for k, v in per_run.items()})
+    _REPLAYS[key] = _Replay(rows, dict(replayed), {k: Counter(v) for k, v in per_run.items()})
     return replayed, per_run
 
 
-def check_invariant(state_path: Path, context: str) -> DbState:
+class SqliteState:
+    """The SQLite state database of the runs, read from outside."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.key: Any = path  # of its outbox replay (_REPLAYS)
+
+    def args(self) -> list[str]:
+        return ["--state-path", str(self.path)]
+
+    async def close(self) -> None:
+        pass
+
+    async def in_commit(self, pid: int) -> bool | None:
+        """Whether `pid` is inside its commit transaction now (None: cannot tell)."""
+        return write_lock_holder(pid, self.path)
+
+    async def read(self, context: str) -> tuple | None:
+        return _read_sqlite(self.path, context)
+
+
+class PgState:
+    """The PostgreSQL state of the runs (a schema of its own), read from outside."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.key = url
+        self.conn = None
+        self.app = "crash_" + url.rsplit("search_path=", 1)[1]  # this test's own
+        self._lock = asyncio.Lock()  # one query at a time on the connection
+
+    def args(self) -> list[str]:
+        # application_name: the syncd process's sessions, as pg_stat_activity shows them.
+        return ["--state-path", "/nonexistent/unused.db", "--state-url", f"{self.url}&application_name={self.app}"]
+
+    async def _conn(self):
+        import asyncpg
+
+        if self.conn is None:
+            self.conn = await asyncpg.connect(self.url, timeout=10)
+        return self.conn
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+
+    async def in_commit(self, pid: int) -> bool | None:
+        # Only one syncd process runs at a time: its session with a transaction that wrote something.
+        async with self._lock:
+            conn = await self._conn()
+            return bool(await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND backend_xid IS NOT NULL", self.app))
+
+    async def read(self, context: str) -> tuple | None:
+        async with self._lock:
+            return await self._read()
+
+    async def _read(self) -> tuple | None:
+        conn = await self._conn()
+        async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
+            if not await conn.fetchval("SELECT to_regclass('outbox') IS NOT NULL"):
+                return None
+            stored = {r[0]: r[1] for r in await conn.fetch(
+                "SELECT record_id, fingerprint FROM records WHERE sync_id = $1", SYNC_ID)}
+            rows = [tuple(r) for r in await conn.fetch(
+                "SELECT seq, event_id, record_id, event_type, body FROM outbox WHERE sync_id = $1 ORDER BY seq", SYNC_ID)]
+            runs = [tuple(r) for r in await conn.fetch(
+                "SELECT run_id, outcome, new, modified, deleted FROM runs WHERE sync_id = $1 ORDER BY seq", SYNC_ID)]
+            last_run_seq = await conn.fetchval("SELECT COALESCE(MAX(seq), 0) FROM runs")
+            sync_row = await conn.fetchrow("SELECT record_count, baselined FROM syncs WHERE sync_id = $1", SYNC_ID)
+        return stored, rows, runs, last_run_seq, tuple(sync_row) if sync_row is not None else None
+
+
+async def check_invariant(state: SqliteState | PgState, context: str) -> DbState:
     """Replaying the outbox of the sync must rebuild exactly its stored fingerprints."""
-    if not state_path.exists():
+    read = await state.read(context)
+    if read is None:
         return DbState({}, 0, 0, [])
+    stored, rows, runs, last_run_seq, sync_row = read
+
+    replayed, per_run = replay_outbox(state.key, rows, context)
+
+    if replayed != stored:
+        only_stored = sorted(set(stored) - set(replayed))
+        only_replayed = sorted(set(replayed) - set(stored))
+        differ = sorted(k for k in set(stored) & set(replayed) if stored[k] != replayed[k])
+        pytest.fail(
+            f"{context}: INVARIANT BROKEN: stored fingerprints do not match the outbox replay "
+            f"({len(stored)} stored, {len(replayed)} replayed from {len(rows)} events): "
+            f"{len(only_stored)} stored without events (e.g. {only_stored[:5]}), "
+            f"{len(only_replayed)} with events but not stored (e.g. {only_replayed[:5]}), "
+            f"{len(differ)} with a different fingerprint (e.g. {differ[:5]})"
+        )
+    if sync_row is not None:
+        assert sync_row[0] == len(stored), f"{context}: syncs.record_count {sync_row[0]} != {len(stored)} stored records"
+    for run_id, outcome, new, modified, deleted in runs:
+        counts = per_run.get(run_id, Counter())
+        assert (counts[NEW], counts[MODIFIED], counts[DELETED]) == (new, modified, deleted), \
+            f"{context}: run {run_id} ({outcome}) recorded {new}/{modified}/{deleted} new/modified/deleted, outbox has {dict(counts)}"
+    return DbState(stored, len(rows), last_run_seq, [r[4] for r in rows])
+
+
+def _read_sqlite(state_path: Path, context: str) -> tuple | None:
+    if not state_path.exists():
+        return None
     # Read-only: look at exactly what the crashed process left, without recovering or checkpointing it.
     db = sqlite3.connect(f"file:{state_path}?mode=ro", uri=True, isolation_level=None)
     try:
@@ -213,27 +320,7 @@ def check_invariant(state_path: Path, context: str) -> DbState:
         db.execute("COMMIT")
     finally:
         db.close()
-
-    replayed, per_run = replay_outbox(state_path, rows, context)
-
-    if replayed != stored:
-        only_stored = sorted(set(stored) - set(replayed))
-        only_replayed = sorted(set(replayed) - set(stored))
-        differ = sorted(k for k in set(stored) & set(replayed) if stored[k] != replayed[k])
-        pytest.fail(
-            f"{context}: INVARIANT BROKEN: stored fingerprints do not match the outbox replay "
-            f"({len(stored)} stored, {len(replayed)} replayed from {len(rows)} events): "
-            f"{len(only_stored)} stored without events (e.g. {only_stored[:5]}), "
-            f"{len(only_replayed)} with events but not stored (e.g. {only_replayed[:5]}), "
-            f"{len(differ)} with a different fingerprint (e.g. {differ[:5]})"
-        )
-    if sync_row is not None:
-        assert sync_row[0] == len(stored), f"{context}: syncs.record_count {sync_row[0]} != {len(stored)} stored records"
-    for run_id, outcome, new, modified, deleted in runs:
-        counts = per_run.get(run_id, Counter())
-        assert (counts[NEW], counts[MODIFIED], counts[DELETED]) == (new, modified, deleted), \
-            f"{context}: run {run_id} ({outcome}) recorded {new}/{modified}/{deleted} new/modified/deleted, outbox has {dict(counts)}"
-    return DbState(stored, len(rows), last_run_seq, [r[4] for r in rows])
+    return stored, rows, runs, last_run_seq, sync_row
 
 
 # -- watching and killing one `syncd once` ----------------------------------------------------
@@ -285,8 +372,8 @@ class Run:
         return "killed in start-up (before fetch)"
 
 
-async def run_syncd(forks: ForkServer, args: list[str], upstream, state_path: Path, workdir: Path, strategy: str,
-                    delay: float) -> Run:
+async def run_syncd(forks: ForkServer, args: list[str], upstream, state: SqliteState | PgState, workdir: Path,
+                    strategy: str, delay: float) -> Run:
     run = Run(strategy, delay)
     out_path, err_path = workdir / "stdout", workdir / "stderr"
     out_path.write_bytes(b"")
@@ -305,7 +392,7 @@ async def run_syncd(forks: ForkServer, args: list[str], upstream, state_path: Pa
                 run.t_request = now
                 request_seen.set()
             if run.t_request is not None and run.t_unlock is None:
-                held = write_lock_holder(proc.pid, state_path)
+                held = await state.in_commit(proc.pid)
                 if held and run.t_lock is None:
                     run.t_lock = now
                     lock_seen.set()
@@ -331,7 +418,7 @@ async def run_syncd(forks: ForkServer, args: list[str], upstream, state_path: Pa
             await asyncio.wait({exited}, timeout=RUN_TIMEOUT)
         if not exited.done():
             run.request_at_kill = len(upstream.requests) > requests_before
-            run.lock_at_kill = write_lock_holder(proc.pid, state_path)
+            run.lock_at_kill = await state.in_commit(proc.pid)
             # Not proc.send_signal(): on a process that exits on its own at this very moment it would
             # reap it behind asyncio's back, and its exit status would read 255 (see send_signal).
             run.killed = send_signal(proc, signal.SIGKILL)
@@ -350,20 +437,34 @@ async def run_syncd(forks: ForkServer, args: list[str], upstream, state_path: Pa
 # -- the test ---------------------------------------------------------------------------------
 
 @pytest.mark.timeout(150)
-async def test_sigkill_at_random_points_never_leaves_fingerprints_without_events(upstream, conf_dir, state_path, tmp_path,
+async def test_sigkill_at_random_points_never_leaves_fingerprints_without_events(upstream, conf_dir, backend, tmp_path,
                                                                                   fork_server):
+    if "state_url" in backend:
+        db, calib_db = PgState(backend["state_url"]), PgState(await _pg_schema())
+    else:
+        db, calib_db = SqliteState(backend["state_path"]), SqliteState(tmp_path / "calibration" / "state.db")
+    try:
+        await _sigkill_at_random_points(upstream, conf_dir, tmp_path, fork_server, db, calib_db)
+    finally:
+        await db.close()
+        await calib_db.close()
+        if isinstance(calib_db, PgState):
+            await _drop_schema(calib_db.url)
+
+
+async def _sigkill_at_random_points(upstream, conf_dir, tmp_path, fork_server, db: SqliteState | PgState,
+                                    calib_db: SqliteState | PgState) -> None:
     _REPLAYS.clear()
     rng = random.Random(SEED)
     data = Dataset(rng, RECORDS)
     upstream.body = data.body()
     write_sync(conf_dir, SYNC_ID, upstream.url)
-    args = ["once", SYNC_ID, "--config-dir", str(conf_dir), "--state-path", str(state_path), "--log-format", "json"]
+    args = ["once", SYNC_ID, "--config-dir", str(conf_dir), *db.args(), "--log-format", "json"]
     started = time.perf_counter()
 
     # Calibrate on a throw-away database: how long start-up, the post-request work and the commit take.
-    calib_path = tmp_path / "calibration" / "state.db"
-    calib_args = args[:-4] + ["--state-path", str(calib_path), "--log-format", "json"]
-    calib = await run_syncd(fork_server, calib_args, upstream, calib_path, tmp_path, "none", 0.0)
+    calib_args = ["once", SYNC_ID, "--config-dir", str(conf_dir), *calib_db.args(), "--log-format", "json"]
+    calib = await run_syncd(fork_server, calib_args, upstream, calib_db, tmp_path, "none", 0.0)
     assert calib.rc == 0, calib.stderr.decode()
     assert calib.t_request is not None
     startup = calib.t_request
@@ -373,7 +474,7 @@ async def test_sigkill_at_random_points_never_leaves_fingerprints_without_events
     strategies = list(STRATEGIES)
     rng.shuffle(strategies)
     phases: Counter = Counter()
-    previous = check_invariant(state_path, "before the first run")
+    previous = await check_invariant(db, "before the first run")
     for i, strategy in enumerate(strategies):
         change = "initial data" if i == 0 else data.mutate()
         upstream.body = data.body()
@@ -385,7 +486,7 @@ async def test_sigkill_at_random_points_never_leaves_fingerprints_without_events
             delay = rng.uniform(0, commit_window) if rng.random() < 0.8 else 0.0
         else:
             delay = 0.0
-        run = await run_syncd(fork_server, args, upstream, state_path, tmp_path, strategy, delay)
+        run = await run_syncd(fork_server, args, upstream, db, tmp_path, strategy, delay)
         context = f"iteration {i} ({strategy}, delay {delay * 1000:.1f} ms, {change}, rc {run.rc})"
         if not run.killed:
             assert run.rc == 0, f"{context}: syncd once failed: {run.stderr.decode()[-2000:]}"
@@ -396,7 +497,7 @@ async def test_sigkill_at_random_points_never_leaves_fingerprints_without_events
         if run.t_request is not None:  # the start-up estimate too (the first run creates the database)
             startup = 0.5 * startup + 0.5 * run.t_request
 
-        state = check_invariant(state_path, context)
+        state = await check_invariant(db, context)
         run.committed = state.last_run_seq > previous.last_run_seq
         if not run.killed:
             # A run that finished committed once and printed exactly the events it put in the outbox.
@@ -417,9 +518,9 @@ async def test_sigkill_at_random_points_never_leaves_fingerprints_without_events
     before_final = previous
     data.noise = []  # the last iteration's data, without id-less or duplicate records
     upstream.body = data.body()
-    final = await run_syncd(fork_server, args, upstream, state_path, tmp_path, "none", 0.0)
+    final = await run_syncd(fork_server, args, upstream, db, tmp_path, "none", 0.0)
     assert final.rc == 0, f"final run failed: {final.stderr.decode()[-2000:]}"
-    state = check_invariant(state_path, "after the final run")
+    state = await check_invariant(db, "after the final run")
     expected = data.expected()
     events = [orjson.loads(line) for line in final.stdout.splitlines()]
     got = sorted((e["eventType"], e["recordId"]) for e in events)
@@ -435,9 +536,9 @@ async def test_sigkill_at_random_points_never_leaves_fingerprints_without_events
         f"{len(set(expected) - set(state.records))} missing, {len(set(state.records) - set(expected))} extra, "
         f"{sum(1 for k in expected if k in state.records and state.records[k] != expected[k])} different"
     )
-    again = await run_syncd(fork_server, args, upstream, state_path, tmp_path, "none", 0.0)
+    again = await run_syncd(fork_server, args, upstream, db, tmp_path, "none", 0.0)
     assert again.rc == 0 and again.stdout == b"", "a second run over unchanged data must send nothing"
-    check_invariant(state_path, "after the check run")
+    await check_invariant(db, "after the check run")
     _REPLAYS.clear()
 
     elapsed = time.perf_counter() - started

@@ -31,6 +31,11 @@ What syncd promises and the test asserts:
          event comes after a 2xx answer to the record's previous event;
   4. replaying the last acknowledged event per record (new/modified -> eventData, deleted -> absent)
      gives exactly the data the API serves at the end.
+
+The test runs once per state backend (conftest `backend`). Against PostgreSQL the daemon runs with
+`--state-url` (a schema of its own), `--lease-ttl 3s` and a fixed `--instance-id`, as a systemd unit
+would: a restarted daemon takes over the instance of its killed predecessor at once (its lease and
+its delivery claims) instead of waiting for them to expire. `emitted` is filled by a PL/pgSQL trigger.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import re
 import signal
 import sqlite3
 import sys
@@ -66,6 +72,15 @@ CREATE TABLE IF NOT EXISTS emitted (event_id TEXT, sync_id TEXT, record_id TEXT,
 CREATE TRIGGER IF NOT EXISTS emitted_log AFTER INSERT ON outbox BEGIN
     INSERT INTO emitted VALUES (new.event_id, new.sync_id, new.record_id, new.seq, new.body);
 END;
+"""
+EMITTED_PG = """
+CREATE TABLE IF NOT EXISTS emitted (event_id TEXT, sync_id TEXT, record_id TEXT, seq BIGINT, body BYTEA);
+CREATE OR REPLACE FUNCTION emitted_log() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO emitted VALUES (NEW.event_id, NEW.sync_id, NEW.record_id, NEW.seq, NEW.body);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER emitted_log AFTER INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION emitted_log();
 """
 
 
@@ -206,10 +221,10 @@ DAEMON_ARGS = ("--listen", "127.0.0.1:0", "--webhook-retry-schedule", "100ms,200
                "--shutdown-timeout", "5s")
 
 
-async def start_daemon(conf_dir: Path, state_path: Path, log: Path, forks: ForkServer | None = None) -> Daemon:
+async def start_daemon(conf_dir: Path, state: StateDb, log: Path, forks: ForkServer | None = None) -> Daemon:
     """`syncd run`, logging to `log`: forked by `forks` (see conftest.ForkServer: a real process,
     without ~0.6 s of interpreter start-up and imports per round), else `python -m syncd run`."""
-    args = ("run", "--config-dir", str(conf_dir), "--state-path", str(state_path), *DAEMON_ARGS)
+    args = ("run", "--config-dir", str(conf_dir), *state.args(), *DAEMON_ARGS)
     if forks is not None:
         log.write_bytes(b"")
         return Daemon(await forks.spawn(*args, stdout=log, stderr=log), log)
@@ -237,7 +252,20 @@ async def wait_started(daemon: Daemon) -> None:
         await asyncio.sleep(0.02)
 
 
-# -- the state database, read from outside (in a thread: never block the loop) ----------------
+# -- the state database, read from outside (SQLite in a thread: never block the loop) ---------
+
+class StateDb:
+    """The daemon's state database: the SQLite file, or (with `state_url`) a PostgreSQL schema."""
+
+    def __init__(self, backend: dict[str, Any]) -> None:
+        self.path: Path = backend["state_path"]
+        self.url: str | None = backend.get("state_url")
+
+    def args(self) -> tuple[str, ...]:
+        if self.url is None:
+            return ("--state-path", str(self.path))
+        return ("--state-path", str(self.path), "--state-url", self.url, "--lease-ttl", "3s", "--instance-id", "crashy")
+
 
 def _query(state_path: Path, sql: str, args: tuple = ()) -> list[tuple]:
     db = sqlite3.connect(state_path, timeout=10, isolation_level=None)
@@ -247,16 +275,40 @@ def _query(state_path: Path, sql: str, args: tuple = ()) -> list[tuple]:
         db.close()
 
 
-async def query(state_path: Path, sql: str, args: tuple = ()) -> list[tuple]:
-    return await asyncio.to_thread(_query, state_path, sql, args)
+async def query(state: StateDb, sql: str, args: tuple = ()) -> list[tuple]:
+    """Rows of `sql` (SQLite's ? and ?N parameters; PostgreSQL gets $N)."""
+    if state.url is None:
+        return await asyncio.to_thread(_query, state.path, sql, args)
+    import asyncpg
+
+    numbers = itertools.count(1)
+    sql = re.sub(r"\?(\d*)", lambda m: f"${m.group(1) or next(numbers)}", sql)
+    conn = await asyncpg.connect(state.url, timeout=10)
+    try:
+        return [tuple(r) for r in await conn.fetch(sql, *args)]
+    finally:
+        await conn.close()
 
 
-async def install_emitted_log(state_path: Path) -> None:
-    store = await Store.open(state_path)  # creates syncd's schema
+async def install_emitted_log(state: StateDb) -> None:
+    if state.url is not None:
+        import asyncpg
+
+        from syncd.store.postgres import PostgresStore
+
+        store = await PostgresStore.open(state.url, instance=False)  # creates syncd's schema
+        await store.close()
+        conn = await asyncpg.connect(state.url, timeout=10)
+        try:
+            await conn.execute(EMITTED_PG)
+        finally:
+            await conn.close()
+        return
+    store = await Store.open(state.path)  # creates syncd's schema
     await store.close()
 
     def install() -> None:
-        db = sqlite3.connect(state_path, timeout=10)
+        db = sqlite3.connect(state.path, timeout=10)
         try:
             db.executescript(EMITTED_SQL)
             db.commit()
@@ -278,8 +330,9 @@ def _limited(items, n: int = 8) -> str:
 # -- the test ---------------------------------------------------------------------------------
 
 @pytest.mark.timeout(120)
-async def test_sigkill_during_deliveries_loses_nothing_and_keeps_record_order(upstream, receiver, conf_dir, state_path, tmp_path,
+async def test_sigkill_during_deliveries_loses_nothing_and_keeps_record_order(upstream, receiver, conf_dir, backend, tmp_path,
                                                                               fork_server):
+    state = StateDb(backend)
     rng = random.Random(SEED)
     source = Source(random.Random(rng.random()), upstream)
     hook = Hook(random.Random(rng.random()))
@@ -289,7 +342,7 @@ async def test_sigkill_during_deliveries_loses_nothing_and_keeps_record_order(up
         f'list_identifier = "$.items"\nrecord_identifier = "$.id"\n'
         f'[api_details]\nbase_url = "{upstream.url}"\npath = "/api"\n'
     )
-    await install_emitted_log(state_path)
+    await install_emitted_log(state)
 
     stop_mutating = asyncio.Event()
     mutator = asyncio.create_task(source.run(stop_mutating), name="mutator")
@@ -302,7 +355,7 @@ async def test_sigkill_during_deliveries_loses_nothing_and_keeps_record_order(up
             mode = "in-flight" if rng.random() < 0.7 else "timed"
             rnd = Round(number, mode, tmp_path / f"daemon-{number}.log")
             rounds.append(rnd)
-            daemon = await start_daemon(conf_dir, state_path, rnd.log, fork_server)
+            daemon = await start_daemon(conf_dir, state, rnd.log, fork_server)
             await wait_started(daemon)
             killed = asyncio.Event()
 
@@ -329,8 +382,8 @@ async def test_sigkill_during_deliveries_loses_nothing_and_keeps_record_order(up
                 f"round {number}: the daemon exited with {rnd.rc} before it was killed:\n{daemon.tail()}"
             daemon.close()
             daemon = None
-            (rnd.pending_after,), = await query(state_path, "SELECT COUNT(*) FROM outbox WHERE dead_at IS NULL")
-            (rnd.emitted_after,), = await query(state_path, "SELECT COUNT(*) FROM emitted")
+            (rnd.pending_after,), = await query(state, "SELECT COUNT(*) FROM outbox WHERE dead_at IS NULL")
+            (rnd.emitted_after,), = await query(state, "SELECT COUNT(*) FROM emitted")
 
         # -- final round: no more changes; the restarted daemon must catch up -----------------
         stop_mutating.set()
@@ -338,13 +391,13 @@ async def test_sigkill_during_deliveries_loses_nothing_and_keeps_record_order(up
         last_mutation = source.last_mutation
         final = Round(KILL_ROUNDS, "final", tmp_path / "daemon-final.log")
         rounds.append(final)
-        daemon = await start_daemon(conf_dir, state_path, final.log, fork_server)
+        daemon = await start_daemon(conf_dir, state, final.log, fork_server)
         await wait_started(daemon)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + FINAL_TIMEOUT
         while True:
             (polled_after, pending, dead), = await query(
-                state_path,
+                state,
                 "SELECT (SELECT COUNT(*) FROM runs WHERE sync_id = ?1 AND outcome != 'failed' AND started_at > ?2), "
                 "(SELECT COUNT(*) FROM outbox WHERE dead_at IS NULL), (SELECT COUNT(*) FROM outbox WHERE dead_at IS NOT NULL)",
                 (SYNC_ID, last_mutation),
@@ -354,8 +407,8 @@ async def test_sigkill_during_deliveries_loses_nothing_and_keeps_record_order(up
             assert daemon.proc.returncode is None, f"the final daemon exited with {daemon.proc.returncode}:\n{daemon.tail()}"
             if loop.time() > deadline:
                 stuck = await query(
-                    state_path, "SELECT event_id, record_id, attempts, last_status, last_error, "
-                    "round(next_attempt_at - ?, 1), dead_at FROM outbox ORDER BY seq LIMIT 5", (time.time(),))
+                    state, "SELECT event_id, record_id, attempts, last_status, last_error, "
+                    "next_attempt_at - ?, dead_at FROM outbox ORDER BY seq LIMIT 5", (time.time(),))
                 pytest.fail(
                     f"the restarted daemon did not catch up within {FINAL_TIMEOUT}s: polls after the last change: "
                     f"{polled_after}, pending events: {pending}, dead letters: {dead}; first undelivered "
@@ -380,8 +433,8 @@ async def test_sigkill_during_deliveries_loses_nothing_and_keeps_record_order(up
     elapsed = time.monotonic() - t_start
 
     # -- what was committed, what is left, what the receiver saw ------------------------------
-    emitted = await query(state_path, "SELECT event_id, sync_id, record_id, seq, body FROM emitted ORDER BY seq")
-    leftovers = await query(state_path, "SELECT event_id, record_id, attempts, last_status, last_error, dead_at FROM outbox")
+    emitted = await query(state, "SELECT event_id, sync_id, record_id, seq, body FROM emitted ORDER BY seq")
+    leftovers = await query(state, "SELECT event_id, record_id, attempts, last_status, last_error, dead_at FROM outbox")
     assert emitted, "no event was ever committed: the test exercised nothing"
     seq_of = {e[0]: e[3] for e in emitted}
     record_of = {e[0]: e[2] for e in emitted}
