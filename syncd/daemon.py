@@ -34,6 +34,7 @@ WATCH_INTERVAL = 0.5  # seconds between looks at config_dir
 SETTLE = 0.3  # a changed file must stay unchanged this long before it is read (editors, half-written files)
 STATS_INTERVAL = 2.0
 FRESH = 1.0  # an invalid file changed less than this long ago is looked at again before it is reported
+START_SETTLE = 1.0  # state_url: seconds between the first two lease renewals at start
 
 
 class Daemon:
@@ -60,6 +61,9 @@ class Daemon:
         self.instance_id = settings.instance_id or f"{socket.gethostname()}:{os.getpid()}"
         self._lock_fd: int | None = None
         self._lease_ok_at = time.monotonic()
+        #: Clear while a lease renewal runs: it may give back syncs, so no poll starts meanwhile.
+        self._leases_settled = asyncio.Event()
+        self._leases_settled.set()
         #: Why the state database cannot be trusted any more (deleted or replaced under us), if so.
         self._state_lost: str | None = None
         self._source: Source | None = None
@@ -121,7 +125,17 @@ class Daemon:
             if runner is None:
                 runner = await self._serve()
 
-            async def run_poll(sync: Sync) -> RunResult:
+            async def run_poll(sync: Sync) -> RunResult | None:
+                if self._owned is not None and not self._leases_settled.is_set():
+                    await self._leases_settled.wait()  # the renewal under way may give this sync back
+                    if sync.id not in self._owned:
+                        return None  # it did: the instance that takes it polls it
+                if self._owned is not None and time.monotonic() - self._lease_ok_at > settings.lease_ttl * 2 / 3:
+                    # Our leases were last renewed too long ago to be trusted (this process was
+                    # stopped, or the database is away): another instance may poll this sync now.
+                    # The next renewal says whether it is still ours; its commit would be refused.
+                    log.info("poll skipped: this instance's leases are not renewed yet", sync=sync.id)
+                    return None
                 result = await poll(sync, store, source)
                 self._observe(result)
                 return result
@@ -132,6 +146,11 @@ class Daemon:
             if shared:
                 store.start_leasing()
                 await self._lease_tick()  # take a first share before scheduling anything
+                # Instances started together (systemd starting syncd@1..3) see each other before
+                # anything is polled: the first to look would otherwise take every sync, and give
+                # two thirds back a renewal later.
+                await asyncio.sleep(START_SETTLE)
+                await self._lease_tick()
             self._scheduler.update(self._mine(self.registry.active), startup=True)
             self.registry.subscribe(self._schedule)
             deliverer = Deliverer(store, hook_session, concurrency=settings.webhook_concurrency,
@@ -320,8 +339,15 @@ class Daemon:
         """Renew leases every third of lease_ttl, taking or giving back syncs to keep a fair share."""
         period = self.settings.lease_ttl / 3
         while True:
-            ok = await self._lease_tick()
-            await asyncio.sleep(period if ok else min(period, 1.0))
+            self._leases_settled.clear()
+            try:
+                ok = await self._lease_tick()
+            finally:
+                self._leases_settled.set()
+            # Below its share (it just started, or an instance died): look again soon, while the
+            # others give back their extras at their own renewals.
+            short = not ok or len(self._owned or ()) < getattr(self._store, "share", 0)
+            await asyncio.sleep(min(period, 1.0) if short else period)
 
     async def _lease_tick(self) -> bool:
         store, ttl = self._store, self.settings.lease_ttl
