@@ -496,7 +496,9 @@ async def test_outbox_changed_is_set_by_a_commit_with_events(store):
     store.outbox_changed.clear()
     await commit(store, "a", upserts={"2": b"2"})
     await store.record_run(run_record("a", "r_same", outcome="unchanged"))
-    assert not store.outbox_changed.is_set()
+    if type(store).__name__ == "SqliteStore":
+        # PostgreSQL may set it any time a notification arrives (a wake-up too many is harmless).
+        assert not store.outbox_changed.is_set()
     await commit(store, "a", upserts={"3": b"3"}, events=[event("a", "3", 1)])
     assert store.outbox_changed.is_set()
     store.outbox_changed.clear()
