@@ -15,8 +15,8 @@ from syncd import diff
 from syncd.errors import ExtractError
 from syncd.events import Envelopes, envelope, new_ids
 from syncd.jsonpath import compile_path
-from syncd.records import may_need_exact, parse_document, split_list
-from syncd.source.paginate import next_page_hint
+from syncd.records import HINT_KEYS, may_need_exact, parse_document, split_list
+from syncd.source.paginate import _HINT_KEYS, next_page_hint
 
 from conftest import write_sync
 from test_paginate import Engine, kinds
@@ -84,7 +84,8 @@ json_values = st.recursive(
 @settings(max_examples=150, deadline=None)
 @given(records=st.lists(st.fixed_dictionaries({"id": st.integers(0, 6) | st.text(max_size=3) | st.none()},
                                               optional={"v": json_values, "w": json_values}), max_size=8),
-       top=st.dictionaries(st.sampled_from(["has_more", "next", "meta", "other", "links"]), json_values, max_size=3),
+       top=st.dictionaries(st.sampled_from([*HINT_KEYS, "other"]), json_values | st.fixed_dictionaries(
+           {"next": st.none() | st.text(max_size=3), "next_cursor": st.none() | st.integers(0, 3)}), max_size=3),
        indent=st.sampled_from([None, 1]))
 def test_any_list_reads_the_same_record_by_record(records, top, indent):
     body = json.dumps({**top, "list": records}, indent=indent).encode()
@@ -147,6 +148,11 @@ async def test_a_next_page_hint_beside_the_list_still_holds_deletes(upstream, co
         upstream.body = {"items": [{"id": 1}], "links": {"next": "/page/2"}}
         held = await h.poll("s")
         assert held.ok and kinds(held) == [] and "links.next" in held.warning
+
+
+def test_every_key_that_hints_at_more_pages_is_read_beside_the_list():
+    # split_list keeps only these top-level keys: a key next_page_hint reads must be among them.
+    assert {key for key, _, _ in _HINT_KEYS} | {"links", "meta"} <= set(HINT_KEYS)
 
 
 def test_envelopes_rendered_from_parts_are_the_envelope_bytes():
