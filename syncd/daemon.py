@@ -34,7 +34,7 @@ WATCH_INTERVAL = 0.5  # seconds between looks at config_dir
 SETTLE = 0.3  # a changed file must stay unchanged this long before it is read (editors, half-written files)
 STATS_INTERVAL = 2.0
 FRESH = 1.0  # an invalid file changed less than this long ago is looked at again before it is reported
-START_SETTLE = 1.0  # state_url: seconds between the first two lease renewals at start
+START_SETTLE = 1.0  # state_url: seconds from the first lease renewal at start to the second
 
 
 class Daemon:
@@ -146,11 +146,6 @@ class Daemon:
             if shared:
                 store.start_leasing()
                 await self._lease_tick()  # take a first share before scheduling anything
-                # Instances started together (systemd starting syncd@1..3) see each other before
-                # anything is polled: the first to look would otherwise take every sync, and give
-                # two thirds back a renewal later.
-                await asyncio.sleep(START_SETTLE)
-                await self._lease_tick()
             self._scheduler.update(self._mine(self.registry.active), startup=True)
             self.registry.subscribe(self._schedule)
             deliverer = Deliverer(store, hook_session, concurrency=settings.webhook_concurrency,
@@ -338,6 +333,10 @@ class Daemon:
     async def _hold_leases(self) -> None:
         """Renew leases every third of lease_ttl, taking or giving back syncs to keep a fair share."""
         period = self.settings.lease_ttl / 3
+        # Instances started together (systemd starting syncd@1..3) see each other a second after
+        # start, while the first polls are still spread out: the first to look took every sync,
+        # and gives back the ones it has not started polling.
+        await asyncio.sleep(min(period, START_SETTLE))
         while True:
             self._leases_settled.clear()
             try:

@@ -49,8 +49,8 @@ from conftest import ForkServer, _drop_schema, _pg_schema, send_signal, write_sy
 SYNC_ID = "crash"
 SEED = 20240611
 RECORDS = 4000
-ITERATIONS = 36
-STRATEGIES = ["spawn"] * 7 + ["request"] * 12 + ["commit"] * 11 + ["none"] * 6  # sums to ITERATIONS
+ITERATIONS = 26  # per backend
+STRATEGIES = ["spawn"] * 5 + ["request"] * 9 + ["commit"] * 8 + ["none"] * 4  # sums to ITERATIONS
 RUN_TIMEOUT = 30.0
 POLL_INTERVAL = 0.0005
 LOCKS = Path("/proc/locks")
