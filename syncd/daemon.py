@@ -529,8 +529,11 @@ class Daemon:
             self._check_state_file()
             try:
                 stats = await self._store.outbox_stats()
+            except StoreError as exc:
+                log.error("could not read outbox statistics", error=str(exc))
+                stats = None
             except Exception:
-                log.exception("could not read outbox statistics")
+                log.exception("could not read outbox statistics (internal error; please report it)")
                 stats = None
             if stats is not None:
                 now = time.time()

@@ -24,7 +24,7 @@ from syncd.events import LIFECYCLE_KEY, EventType, lifecycle
 from syncd.http import USER_AGENT, describe_error, error_snippet, parse_retry_after
 from syncd.metrics import Metrics
 from syncd.signing import sign_headers
-from syncd.store import OutboxEvent, PendingEvent, StateStore
+from syncd.store import OutboxEvent, PendingEvent, StateStore, StoreError
 
 log = structlog.get_logger("syncd.delivery")
 
@@ -168,9 +168,12 @@ class Deliverer:
                     if due is not None:
                         timeout = min(IDLE_RECHECK, max(0.01, due - time.time()))
                 backoff = 0.5
+            except StoreError as exc:
+                # The state database is unreadable (locked for long, I/O error, server away): keep trying, slowly.
+                log.error("cannot read the outbox; retrying", error=str(exc), retry_in=backoff)
+                timeout, backoff = backoff, min(backoff * 2, 30.0)
             except Exception:
-                # The state database is unreadable (locked for long, I/O error): keep trying, slowly.
-                log.exception("cannot read the outbox; retrying", retry_in=backoff)
+                log.exception("cannot read the outbox (internal error; please report it); retrying", retry_in=backoff)
                 timeout, backoff = backoff, min(backoff * 2, 30.0)
             if stop.is_set():
                 break
@@ -312,10 +315,11 @@ class Deliverer:
             delivered, retries, dead, notes = self._plan(batch)
             try:
                 await self.store.record_attempts(delivered, retries, dead)
-            except Exception:
+            except Exception as exc:
                 self._store_failing = True
-                log.exception("could not record delivery outcomes; keeping them and retrying",
-                              outcomes=len(batch), retry_in=backoff)
+                (log.error if isinstance(exc, StoreError) else log.exception)(
+                    "could not record delivery outcomes; keeping them and retrying", error=str(exc),
+                    outcomes=len(batch), retry_in=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
@@ -351,8 +355,9 @@ class Deliverer:
                                                   run.webhook_url, now, body))
                     await self.store.announce_consumed(events, [r.run_id for r in runs], now)
                     log.info("runs fully consumed", runs=len(runs))
-            except Exception:  # the database may refuse for a while: look again later
-                log.exception("could not check for fully consumed runs; retrying")
+            except Exception as exc:  # the database may refuse for a while: look again later
+                (log.error if isinstance(exc, StoreError) else log.exception)(
+                    "could not check for fully consumed runs; retrying", error=str(exc))
                 await asyncio.sleep(IDLE_RECHECK)
 
     def _plan(self, batch: list[Outcome]) -> tuple[list, list, list, list]:
