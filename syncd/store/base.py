@@ -9,9 +9,12 @@ interchangeable behind it. Backend errors never leave a store as themselves: the
 from __future__ import annotations
 
 import asyncio
+import functools
 import zlib
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import orjson
 
 RUNS_KEPT = 100  # run history rows kept per sync
 
@@ -253,6 +256,85 @@ class StateStore(Protocol):
                      now: float) -> tuple[int, int]: ...
     async def purge_dead(self, *, before: float, sync_id: str | None = None) -> int: ...
     async def outbox(self, sync_id: str | None = None) -> list[OutboxEvent]: ...
+
+# -- helpers both backends use ------------------------------------------------------------------
+
+
+class FingerprintCache:
+    """Each sync's fingerprints as of a generation: a poll of 100k records need not re-read 100k
+    rows when nobody else (another process, another instance, `syncd reset`) wrote them since."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[int, dict[str, bytes]]] = {}
+
+    def get(self, sync_id: str, generation: int) -> dict[str, bytes] | None:
+        cached = self._entries.get(sync_id)
+        return cached[1] if cached is not None and cached[0] == generation else None
+
+    def put(self, sync_id: str, generation: int, fingerprints: dict[str, bytes]) -> None:
+        self._entries[sync_id] = (generation, fingerprints)
+
+    def forget(self, sync_id: str) -> None:
+        self._entries.pop(sync_id, None)
+
+    def committed(self, commit: Commit, generation: int) -> None:
+        """Bring a sync's entry to `generation`, the one `commit` just wrote."""
+        sid = commit.run.sync_id
+        cached = self._entries.get(sid)
+        if commit.replace_all:
+            self._entries[sid] = (generation, dict(commit.upserts))
+        elif cached is not None and cached[0] == generation - 1:
+            fingerprints = cached[1]
+            for rid in commit.deletes:
+                fingerprints.pop(rid, None)
+            fingerprints.update(commit.upserts)
+            self._entries[sid] = (generation, fingerprints)
+        else:
+            self._entries.pop(sid, None)
+
+
+def record_event_counts(events: list[OutboxEvent]) -> tuple[int, int, int]:
+    """How many record.new, record.modified and record.deleted events are in `events`."""
+    counts = {"record.new": 0, "record.modified": 0, "record.deleted": 0}
+    for e in events:
+        if e.event_type in counts:
+            counts[e.event_type] += 1
+    return counts["record.new"], counts["record.modified"], counts["record.deleted"]
+
+
+def dump_validators(validators: dict[str, str] | None) -> str | None:
+    return orjson.dumps(validators).decode() if validators else None
+
+
+def load_validators(text: str | None) -> dict[str, str] | None:
+    try:
+        value = orjson.loads(text) if text else None
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def neutral_errors(errors: tuple[type[BaseException], ...], convert):
+    """A class decorator: every public coroutine of the class (and `open`) raises
+    `convert(exc)`, a StoreError, instead of one of the backend's `errors`."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        async def method(*args, **kwargs):
+            try:
+                return await fn(*args, **kwargs)
+            except errors as exc:
+                raise convert(exc) from exc
+        return method
+
+    def decorate(cls):
+        for name, value in list(vars(cls).items()):
+            if not name.startswith("_") and asyncio.iscoroutinefunction(value):
+                setattr(cls, name, wrap(value))
+            elif name == "open":
+                setattr(cls, name, classmethod(wrap(value.__func__)))
+        return cls
+
+    return decorate
 
 
 # -- keep_records bodies -------------------------------------------------------------------------

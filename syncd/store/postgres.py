@@ -21,7 +21,6 @@ database's clock, so instances on machines with skewed clocks still agree.
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import socket
 import time
@@ -37,6 +36,7 @@ from syncd.store.base import (
     Commit,
     ConsumedRun,
     Delivery,
+    FingerprintCache,
     LeaseLost,
     OutboxEvent,
     OutboxStats,
@@ -47,6 +47,10 @@ from syncd.store.base import (
     StoreError,
     SyncState,
     decompress_body,
+    dump_validators,
+    load_validators,
+    neutral_errors,
+    record_event_counts,
 )
 
 log = structlog.get_logger("syncd.store")
@@ -246,28 +250,6 @@ def store_error(exc: BaseException) -> StoreError:
     return StoreError(text, "other")
 
 
-_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
-
-
-def _neutral(cls):
-    """Make every public coroutine of `cls` raise StoreError instead of asyncpg's errors."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        async def method(*args, **kwargs):
-            try:
-                return await fn(*args, **kwargs)
-            except _ERRORS as exc:
-                raise store_error(exc) from exc
-        return method
-
-    for name, value in list(vars(cls).items()):
-        if not name.startswith("_") and asyncio.iscoroutinefunction(value):
-            setattr(cls, name, wrap(value))
-        elif name == "open":
-            setattr(cls, name, classmethod(wrap(value.__func__)))
-    return cls
-
-
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Pool reset: nothing to reset (see PostgresStore.open)."""
 
@@ -286,7 +268,7 @@ def default_instance_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-@_neutral
+@neutral_errors((asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError), store_error)
 class PostgresStore:
     """The state in PostgreSQL. Open with `await PostgresStore.open(url)`.
 
@@ -303,7 +285,7 @@ class PostgresStore:
         self.lease_ttl = lease_ttl
         self._readonly = readonly
         self.outbox_changed = asyncio.Event()
-        self._cache: dict[str, tuple[int, dict[str, bytes]]] = {}
+        self._cache = FingerprintCache()
         #: Leases this instance holds: sync id -> fencing token.
         self.tokens: dict[str, int] = {}
         self._listener: asyncpg.Connection | None = None
@@ -467,13 +449,12 @@ class PostgresStore:
         return {r[0]: decompress_body(r[1], state.body_dict) for r in rows}
 
     async def fingerprints(self, state: SyncState) -> dict[str, bytes]:
-        cached = self._cache.get(state.sync_id)
-        if cached is not None and cached[0] == state.generation:
-            return cached[1]
-        async with self._pool.acquire() as conn:
-            rows = await conn.fetch("SELECT record_id, fingerprint FROM records WHERE sync_id = $1", state.sync_id)
+        cached = self._cache.get(state.sync_id, state.generation)
+        if cached is not None:
+            return cached
+        rows = await self._pool.fetch("SELECT record_id, fingerprint FROM records WHERE sync_id = $1", state.sync_id)
         fingerprints = {r[0]: r[1] for r in rows}
-        self._cache[state.sync_id] = (state.generation, fingerprints)
+        self._cache.put(state.sync_id, state.generation, fingerprints)
         return fingerprints
 
     async def _fence(self, conn: asyncpg.Connection, sync_id: str) -> None:
@@ -552,23 +533,13 @@ class PostgresStore:
                 RETURNING generation
                 """,
                 sid, commit.shape, commit.body_hash, commit.record_count, run.finished_at, run.outcome, changed,
-                _dump_validators(commit.validators), run.warning, pending, commit.bodies is not None, commit.body_dict)
+                dump_validators(commit.validators), run.warning, pending, commit.bodies is not None, commit.body_dict)
             await _insert_run(conn, run)
             if commit.events:
                 await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
         if commit.events:
             self.outbox_changed.set()
-        cached = self._cache.get(sid)
-        if cached is not None and cached[0] == generation - 1 and not commit.replace_all:
-            fingerprints = cached[1]
-            for rid in commit.deletes:
-                fingerprints.pop(rid, None)
-            fingerprints.update(commit.upserts)
-            self._cache[sid] = (generation, fingerprints)
-        elif commit.replace_all:
-            self._cache[sid] = (generation, dict(commit.upserts))
-        else:
-            self._cache.pop(sid, None)
+        self._cache.committed(commit, generation)
         return pending
 
     async def record_run(self, run: RunRecord, *, validators: dict[str, str] | None = None,
@@ -584,7 +555,7 @@ class PostgresStore:
                 "SELECT syncd_record_run($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, "
                 "$18, $19, $20, $21, $22)",
                 run.sync_id, self.instance_id if fenced else None, token, run.finished_at, run.outcome, run.error,
-                success, _dump_validators(validators), not_before, deletes_held, run.run_id, run.started_at,
+                success, dump_validators(validators), not_before, deletes_held, run.run_id, run.started_at,
                 run.sync_type, run.records, run.new, run.modified, run.deleted, run.invalid_ids, run.duplicate_ids,
                 run.pages, run.warning, RUNS_KEPT)
             if holder is not None:
@@ -605,7 +576,7 @@ class PostgresStore:
                     validators = CASE WHEN $5::bool AND $6::text IS NOT NULL THEN $6::text ELSE syncs.validators END,
                     next_run_at = $7, deletes_held = $8
                 """,
-                run.sync_id, run.finished_at, run.outcome, run.error, success, _dump_validators(validators), not_before,
+                run.sync_id, run.finished_at, run.outcome, run.error, success, dump_validators(validators), not_before,
                 deletes_held)
             await _queue(conn, list(events))
             if tally is not None and events:
@@ -647,7 +618,7 @@ class PostgresStore:
                 "UPDATE syncs SET shape = NULL, body_hash = NULL, baselined = FALSE, record_count = 0, validators = NULL, "
                 "last_warning = NULL, pending_deletes = 0, deletes_held = 0, keeps_records = FALSE, body_dict = NULL, "
                 "generation = generation + 1 WHERE sync_id = $1 RETURNING sync_id", sync_id)
-        self._cache.pop(sync_id, None)
+        self._cache.forget(sync_id)
         return found is not None
 
     # -- leases --------------------------------------------------------------------------------------
@@ -757,11 +728,7 @@ class PostgresStore:
             RETURNING outbox.seq, event_id, sync_id, record_id, event_type, webhook_url, body, attempts,
                       created_at, next_attempt_at
             """, *args)
-        rows = sorted(rows, key=lambda r: (r[9], r[0]))
-        lapse = self._lapses
-        for r in rows:
-            self._claim_lapse[r[0]] = lapse
-        return [PendingEvent(*r[:9]) for r in rows]
+        return self._claimed(rows)
 
     async def claim_spread(self, now: float, rooms: dict[str, int]) -> list[PendingEvent]:
         """claim_due for several syncs at once, up to rooms[sync] events of each: one statement."""
@@ -784,6 +751,10 @@ class PostgresStore:
             RETURNING outbox.seq, event_id, sync_id, record_id, event_type, webhook_url, body, attempts,
                       created_at, next_attempt_at
             """, now, list(rooms), list(rooms.values()), self.instance_id)
+        return self._claimed(rows)
+
+    def _claimed(self, rows: list) -> list[PendingEvent]:
+        """Rows a claim statement returned, oldest due first, stamped with the heartbeat lapse count."""
         rows = sorted(rows, key=lambda r: (r[9], r[0]))
         lapse = self._lapses
         for r in rows:
@@ -978,18 +949,14 @@ async def _open_tally(conn: asyncpg.Connection, run: RunRecord, tally: tuple[str
 
 
 async def _count_events(conn: asyncpg.Connection, sync_id: str, at: float, events: list[OutboxEvent]) -> None:
-    counts = {"record.new": 0, "record.modified": 0, "record.deleted": 0}
-    for e in events:
-        if e.event_type in counts:
-            counts[e.event_type] += 1
-    if not any(counts.values()):
+    counts = record_event_counts(events)
+    if not any(counts):
         return
     hour = int(at // 3600)
     await conn.execute(
         "INSERT INTO event_hours (sync_id, hour, new, modified, deleted) VALUES ($1, $2, $3, $4, $5) "
         "ON CONFLICT (sync_id, hour) DO UPDATE SET new = event_hours.new + $3, modified = event_hours.modified + $4, "
-        "deleted = event_hours.deleted + $5",
-        sync_id, hour, counts["record.new"], counts["record.modified"], counts["record.deleted"])
+        "deleted = event_hours.deleted + $5", sync_id, hour, *counts)
     await conn.execute("DELETE FROM event_hours WHERE sync_id = $1 AND hour < $2", sync_id, hour - 48)
 
 
@@ -1034,17 +1001,7 @@ def _run_of(event: OutboxEvent) -> str | None:
 
 def _state(row: Any) -> SyncState:
     row = list(row)
-    row[12] = _load_validators(row[12])
+    row[12] = load_validators(row[12])
     return SyncState(*row)
 
 
-def _dump_validators(validators: dict[str, str] | None) -> str | None:
-    return orjson.dumps(validators).decode() if validators else None
-
-
-def _load_validators(text: str | None) -> dict[str, str] | None:
-    try:
-        value = orjson.loads(text) if text else None
-    except orjson.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None

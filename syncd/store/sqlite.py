@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import functools
 import os
 import sqlite3
 from contextlib import asynccontextmanager
@@ -15,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
-import orjson
 
 from syncd.store.base import (
     RUNS_KEPT,
     Commit,
     ConsumedRun,
     Delivery,
+    FingerprintCache,
     OutboxEvent,
     OutboxStats,
     PendingEvent,
@@ -31,6 +30,10 @@ from syncd.store.base import (
     StoreError,
     SyncState,
     decompress_body,
+    dump_validators,
+    load_validators,
+    neutral_errors,
+    record_event_counts,
 )
 
 SCHEMA_VERSION = 3
@@ -254,26 +257,7 @@ def store_error(exc: sqlite3.Error) -> StoreError:
     return StoreError(text, kind)
 
 
-def _neutral(cls):
-    """Make every public coroutine of `cls` raise StoreError instead of sqlite3.Error."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        async def method(*args, **kwargs):
-            try:
-                return await fn(*args, **kwargs)
-            except sqlite3.Error as exc:
-                raise store_error(exc) from exc
-        return method
-
-    for name, value in list(vars(cls).items()):
-        if not name.startswith("_") and asyncio.iscoroutinefunction(value):
-            setattr(cls, name, wrap(value))
-        elif name == "open":
-            setattr(cls, name, classmethod(wrap(value.__func__)))
-    return cls
-
-
-@_neutral
+@neutral_errors((sqlite3.Error,), store_error)
 class SqliteStore:
     """The state database. Open with `await SqliteStore.open(path)`; one instance per process."""
 
@@ -287,7 +271,7 @@ class SqliteStore:
         self._claimed_records: dict[tuple[str, str], int] = {}
         # Fingerprints of each sync as of a generation: a poll of 100k records need not re-read
         # 100k rows when nothing else (another syncd process, `syncd reset`) wrote them since.
-        self._cache: dict[str, tuple[int, dict[str, bytes]]] = {}
+        self._cache = FingerprintCache()
         # One connection serves every task: transactions must not interleave on it.
         self._tx_lock = asyncio.Lock()
         # Held while a run's commit is open: outbox reads wait for it, because this connection
@@ -389,14 +373,14 @@ class SqliteStore:
 
     async def fingerprints(self, state: SyncState) -> dict[str, bytes]:
         """Stored fingerprints of a sync. The returned dict must not be modified by the caller."""
-        cached = self._cache.get(state.sync_id)
-        if cached is not None and cached[0] == state.generation:
-            return cached[1]
+        cached = self._cache.get(state.sync_id, state.generation)
+        if cached is not None:
+            return cached
         rows = await self._conn.execute_fetchall(
             "SELECT record_id, fingerprint FROM records WHERE sync_id = ?", (state.sync_id,)
         )
         fingerprints = dict(rows)
-        self._cache[state.sync_id] = (state.generation, fingerprints)
+        self._cache.put(state.sync_id, state.generation, fingerprints)
         return fingerprints
 
     async def commit_run(self, commit: Commit) -> int:
@@ -459,24 +443,14 @@ class SqliteStore:
                 RETURNING generation
                 """,
                 (sid, commit.shape, commit.body_hash, commit.record_count, run.finished_at, run.outcome, changed,
-                 _dump_validators(commit.validators), run.warning, pending, commit.bodies is not None, commit.body_dict),
+                 dump_validators(commit.validators), run.warning, pending, commit.bodies is not None, commit.body_dict),
             )
             generation = (await cursor.fetchone())[0]
             await cursor.close()
             await self._insert_run(run)
         if commit.events:
             self.outbox_changed.set()
-        cached = self._cache.get(sid)
-        if cached is not None and cached[0] == generation - 1 and not commit.replace_all:
-            fingerprints = cached[1]
-            for rid in commit.deletes:
-                fingerprints.pop(rid, None)
-            fingerprints.update(commit.upserts)
-            self._cache[sid] = (generation, fingerprints)
-        elif commit.replace_all:
-            self._cache[sid] = (generation, dict(commit.upserts))
-        else:
-            self._cache.pop(sid, None)
+        self._cache.committed(commit, generation)
         return pending
 
     async def record_run(self, run: RunRecord, *, validators: dict[str, str] | None = None,
@@ -498,7 +472,7 @@ class SqliteStore:
                     validators = CASE WHEN ?5 AND ?6 IS NOT NULL THEN ?6 ELSE validators END,
                     next_run_at = ?7, deletes_held = ?8
                 """,
-                (run.sync_id, run.finished_at, run.outcome, run.error, success, _dump_validators(validators), not_before,
+                (run.sync_id, run.finished_at, run.outcome, run.error, success, dump_validators(validators), not_before,
                  deletes_held),
             )
             await self._queue(conn, list(events))
@@ -526,17 +500,14 @@ class SqliteStore:
 
     async def _count_events(self, conn: aiosqlite.Connection, sync_id: str, at: float, events: list[OutboxEvent]) -> None:
         """Hourly counts of queued record events (the web page's "last 24 h"), kept two days."""
-        counts = {"record.new": 0, "record.modified": 0, "record.deleted": 0}
-        for e in events:
-            if e.event_type in counts:
-                counts[e.event_type] += 1
-        if not any(counts.values()):
+        counts = record_event_counts(events)
+        if not any(counts):
             return
         hour = int(at // 3600)
         await conn.execute(
             "INSERT INTO event_hours (sync_id, hour, new, modified, deleted) VALUES (?1, ?2, ?3, ?4, ?5) "
             "ON CONFLICT (sync_id, hour) DO UPDATE SET new = new + ?3, modified = modified + ?4, deleted = deleted + ?5",
-            (sync_id, hour, counts["record.new"], counts["record.modified"], counts["record.deleted"]))
+            (sync_id, hour, *counts))
         await conn.execute("DELETE FROM event_hours WHERE sync_id = ? AND hour < ?", (sync_id, hour - 48))
 
     async def events_since(self, since: float) -> dict[str, tuple[int, int, int]]:
@@ -617,7 +588,7 @@ class SqliteStore:
                 (sync_id,),
             )
             found = cursor.rowcount > 0
-        self._cache.pop(sync_id, None)
+        self._cache.forget(sync_id)
         return found
 
     # -- outbox --------------------------------------------------------------------------------
@@ -822,18 +793,8 @@ _STATE_COLUMNS = (
 def _state(row: Any) -> SyncState:
     row = list(row)
     row[4] = bool(row[4])
-    row[12] = _load_validators(row[12])
+    row[12] = load_validators(row[12])
     row[16] = bool(row[16])
     return SyncState(*row)
 
 
-def _dump_validators(validators: dict[str, str] | None) -> str | None:
-    return orjson.dumps(validators).decode() if validators else None
-
-
-def _load_validators(text: str | None) -> dict[str, str] | None:
-    try:
-        value = orjson.loads(text) if text else None
-    except orjson.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
