@@ -16,6 +16,7 @@ class Proxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> Proxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
@@ -23,12 +24,14 @@ class Proxy:
         return self
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._tasks.add(asyncio.current_task())
+        self._pipes.add(writer)
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
-            writer.close()
+            writer.transport.abort()
             return
-        self._pipes |= {writer, up_writer}
+        self._pipes.add(up_writer)
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
@@ -48,6 +51,12 @@ class Proxy:
         self._server.close()
         for writer in list(self._pipes):
             writer.transport.abort()
+        self._pipes.clear()
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
         await self._server.wait_closed()
 
     async def restore(self) -> None:
@@ -61,6 +70,13 @@ async def test_an_outage_makes_the_instance_unready_and_it_recovers(pg_url, inpr
     parts = urlsplit(pg_url)
     proxy = await Proxy(parts.hostname, parts.port or 5432).start()
     url = urlunsplit((parts.scheme, f"{parts.username}@127.0.0.1:{proxy.port}", parts.path, parts.query, ""))
+    try:
+        await _outage_and_recovery(inproc_daemons, upstream, conf_dir, tmp_path, proxy, url)
+    finally:
+        await proxy.cut()  # after the daemon stopped (the test stops it): every socket closed
+
+
+async def _outage_and_recovery(inproc_daemons, upstream, conf_dir, tmp_path, proxy, url) -> None:
     d = await inproc_daemons(conf_dir, tmp_path / "s.db", state_url=url, lease_ttl=3, instance_id="a")
     daemon = d.daemon
     await wait_for(lambda: daemon._owned == {"one"} and daemon._readiness()[0], 10)
@@ -81,3 +97,4 @@ async def test_an_outage_makes_the_instance_unready_and_it_recovers(pg_url, inpr
     await wait_for(lambda: daemon._readiness()[0] and daemon._owned == {"one"}, 15)
     await wait_for(lambda: len(upstream.hits("/one")) > polls, 10)  # polling again
     assert d.events("state database reachable again")
+    await d.stop()
