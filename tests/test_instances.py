@@ -35,21 +35,11 @@ import orjson
 import pytest
 
 from conftest import send_signal, wait_for
+from test_daemon_crash import EMITTED_PG as EMITTED_SQL
 
 INTERVAL = 1.0  # seconds: every sync's interval (the shortest DESIGN allows a real `syncd run`)
 LEASE_TTL = 3.0  # seconds: the shortest lease_ttl the settings allow
 RETRIES = "100ms,200ms,400ms"  # a 503 is retried at once; nothing becomes a dead letter here
-
-EMITTED_SQL = """
-CREATE TABLE IF NOT EXISTS emitted (event_id TEXT, sync_id TEXT, record_id TEXT, seq BIGINT, body BYTEA);
-CREATE OR REPLACE FUNCTION emitted_log() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO emitted VALUES (NEW.event_id, NEW.sync_id, NEW.record_id, NEW.seq, NEW.body);
-    RETURN NEW;
-END $$;
-CREATE TRIGGER emitted_log AFTER INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION emitted_log();
-"""
-
 
 # -- helpers ------------------------------------------------------------------------------------
 
