@@ -346,7 +346,12 @@ class Daemon:
             # Below its share (it just started, or an instance died): look again soon, while the
             # others give back their extras at their own renewals.
             short = not ok or len(self._owned or ()) < getattr(self._store, "share", 0)
-            await asyncio.sleep(min(period, 1.0) if short else period)
+            delay = min(period, 1.0) if short else period
+            expiry = getattr(self._store, "next_expiry", None)
+            if ok and expiry is not None:
+                # Another instance's lease runs out sooner: look right after (it may have died).
+                delay = min(delay, max(0.05, expiry + 0.05))
+            await asyncio.sleep(delay)
 
     async def _lease_tick(self) -> bool:
         store, ttl = self._store, self.settings.lease_ttl

@@ -632,6 +632,8 @@ class PostgresStore:
     _leasing = False
     #: This instance's fair share of the syncs at the last lease_tick.
     share = 0
+    #: Seconds from the last lease_tick until another instance's lease or heartbeat runs out (None: none).
+    next_expiry: float | None = None
 
     def start_leasing(self) -> None:
         self._leasing = True
@@ -681,6 +683,13 @@ class PostgresStore:
                     RETURNING leases.sync_id, leases.token
                     """, self.instance_id, sorted(wanted), share - len(held), ttl)
                 held.update({r[0]: r[1] for r in rows})
+            # When the next lease or heartbeat of another instance runs out if not renewed: a dead
+            # instance's syncs can be taken right then, not up to a renewal period later.
+            self.next_expiry = await conn.fetchval(
+                f"SELECT min(e) - {_NOW} FROM (SELECT min(expires_at) AS e FROM leases WHERE owner IS NOT NULL "
+                f"AND owner <> $1 AND expires_at > {_NOW} AND sync_id = ANY($2::text[]) UNION ALL "
+                f"SELECT min(expires_at) FROM instances WHERE instance_id <> $1 AND expires_at > {_NOW}) AS t",
+                self.instance_id, sorted(wanted))
         self.tokens = held
         return dict(held)
 
