@@ -485,9 +485,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     invalid = {declared_id(Path(p.source)) for p in problems if p.source.endswith(".toml")}
 
     async def collect(store):
-        lease_owners = getattr(store, "lease_owners", None)
-        owners = await lease_owners() if lease_owners is not None else {}
-        return await store.all_states(), await store.outbox_stats(), await store.paused(), owners
+        return await store.all_states(), await store.outbox_stats(), await store.paused(), await store.lease_owners()
 
     states, stats, paused, owners = _with_store(settings, collect) or ([], {}, set(), {})
     by_id = {s.sync_id: s for s in states}

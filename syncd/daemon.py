@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from syncd.scheduler import Scheduler
 from syncd.settings import Settings
 from syncd.source.fetcher import Source
 from syncd.status import sync_view
-from syncd.store import StateStore, StoreError, SyncState, lock_instance, open_store
+from syncd.store import StateStore, StoreError, SyncState, default_instance_id, lock_instance, open_store
 from syncd.systemd import Notifier
 
 log = structlog.get_logger("syncd.daemon")
@@ -58,7 +57,7 @@ class Daemon:
         self._state_unreachable: str | None = None
         self._background: set[asyncio.Task] = set()
         #: This instance's name in leases and claims (state_url).
-        self.instance_id = settings.instance_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.instance_id = settings.instance_id or default_instance_id()
         self._lock_fd: int | None = None
         self._lease_ok_at = time.monotonic()
         #: Clear while a lease renewal runs: it may give back syncs, so no poll starts meanwhile.
@@ -98,7 +97,7 @@ class Daemon:
             except BaseException:
                 os.close(self._lock_fd)
                 raise
-        if shared:
+        else:
             self._owned = set()  # no sync is ours before the first lease renewal
         self.metrics.instance_info.info({"instance_id": self.instance_id if shared else "",
                                          "backend": "postgresql" if shared else "sqlite"})
@@ -345,9 +344,9 @@ class Daemon:
                 self._leases_settled.set()
             # Below its share (it just started, or an instance died): look again soon, while the
             # others give back their extras at their own renewals.
-            short = not ok or len(self._owned or ()) < getattr(self._store, "share", 0)
+            short = not ok or len(self._owned) < self._store.share
             delay = min(period, 1.0) if short else period
-            expiry = getattr(self._store, "next_expiry", None)
+            expiry = self._store.next_expiry
             if ok and expiry is not None:
                 # Another instance's lease runs out sooner: look right after (it may have died).
                 delay = min(delay, max(0.05, expiry + 0.05))
@@ -362,8 +361,7 @@ class Daemon:
             held = set(await store.lease_tick(set(self.registry.active), busy))
             triggered = await store.take_triggers(sorted(held))
         except StoreError as exc:
-            since = self._lease_ok_at
-            if time.monotonic() - since > ttl * 2 / 3 and self._owned:
+            if time.monotonic() - self._lease_ok_at > ttl * 2 / 3 and self._owned:
                 # Our leases may expire any moment: stop polling rather than poll for nothing.
                 log.error("leases given up: the state database is unreachable", error=str(exc), syncs=len(self._owned))
                 self._owned = set()
@@ -380,9 +378,7 @@ class Daemon:
             gained, lost = held - self._owned, self._owned - held
             if gained and self._scheduler is not None:
                 # Polled elsewhere until now: go on from when it was last polled, not from scratch.
-                states = {s.sync_id: s for s in await store.all_states()} if len(gained) > 50 else {
-                    sid: await store.sync_state(sid) for sid in gained}
-                self._scheduler.remember({sid: states[sid] for sid in gained if sid in states})
+                self._scheduler.remember({s.sync_id: s for s in await store.all_states() if s.sync_id in gained})
             self._owned = held
             for sync_id in gained | lost:
                 if self.metrics.known(sync_id):
@@ -627,7 +623,7 @@ class Daemon:
 
     async def sync_status(self, sync_id: str) -> dict:
         stats = await self._store.outbox_stats()
-        return self._view(sync_id, await self._store.sync_state(sync_id), stats, await self._owners())
+        return self._view(sync_id, await self._store.sync_state(sync_id), stats, await self._store.lease_owners())
 
     def _view(self, sync_id: str, state, stats, owners: dict[str, str]) -> dict:
         sync = self.syncs[sync_id]
@@ -635,14 +631,10 @@ class Daemon:
         return sync_view(sync_id, sync=sync, state=state, stats=stats.get(sync_id), definition=definition,
                          paused=sync_id in self.registry.paused, owner=owners.get(sync_id))
 
-    async def _owners(self) -> dict[str, str]:
-        lease_owners = getattr(self._store, "lease_owners", None)
-        return await lease_owners() if lease_owners is not None else {}
-
     async def syncs_status(self) -> list[dict]:
         store = self._store
         stats = await store.outbox_stats()
-        owners = await self._owners()
+        owners = await store.lease_owners()
         out = []
         states = {s.sync_id: s for s in await store.all_states()}
         for sync_id in sorted(self.syncs):

@@ -24,6 +24,7 @@ from syncd.store.base import (
     body_dictionary,
     compress_body,
     decompress_body,
+    default_instance_id,
 )
 from syncd.store.sqlite import SCHEMA_VERSION, SqliteStore, StateLocked, create_private, lock_instance
 
@@ -33,7 +34,7 @@ Store = SqliteStore
 __all__ = [
     "RUNS_KEPT", "SCHEMA_VERSION", "Commit", "ConsumedRun", "Delivery", "LeaseLost", "OutboxEvent", "OutboxStats",
     "PendingEvent", "RunRecord", "SchemaError", "SqliteStore", "StateConflict", "StateLocked", "StateStore", "Store",
-    "StoreError", "SyncState", "body_dictionary", "compress_body", "create_private", "decompress_body",
+    "StoreError", "SyncState", "body_dictionary", "compress_body", "create_private", "decompress_body", "default_instance_id",
     "lock_instance", "open_store",
 ]
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import socket
 import zlib
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -235,6 +237,7 @@ class StateStore(Protocol):
     async def events_since(self, since: float) -> dict[str, tuple[int, int, int]]: ...
     async def reset(self, sync_id: str) -> bool: ...
     async def paused(self) -> set[str]: ...
+    async def lease_owners(self) -> dict[str, str]: ...
     async def set_paused(self, sync_id: str, paused: bool) -> None: ...
 
     # delivery
@@ -291,6 +294,11 @@ class FingerprintCache:
             self._entries[sid] = (generation, fingerprints)
         else:
             self._entries.pop(sid, None)
+
+
+def default_instance_id() -> str:
+    """An instance's name in leases and claims unless instance_id says otherwise: HOSTNAME:PID."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def record_event_counts(events: list[OutboxEvent]) -> tuple[int, int, int]:

@@ -47,6 +47,7 @@ from syncd.store.base import (
     StoreError,
     SyncState,
     decompress_body,
+    default_instance_id,
     dump_validators,
     load_validators,
     neutral_errors,
@@ -264,10 +265,6 @@ def _running(pid: int) -> bool:
     return True
 
 
-def default_instance_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 @neutral_errors((asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError), store_error)
 class PostgresStore:
     """The state in PostgreSQL. Open with `await PostgresStore.open(url)`.
@@ -296,6 +293,12 @@ class PostgresStore:
         self._lapses = 0
         self._claim_lapse: dict[int, int] = {}
         self._closed = False
+        #: Whether writes of runs need this instance's lease (see start_leasing).
+        self.leasing = False
+        #: This instance's fair share of the syncs at the last lease_tick.
+        self.share = 0
+        #: Seconds from the last lease_tick until another instance's lease or heartbeat runs out (None: none).
+        self.next_expiry: float | None = None
 
     @classmethod
     async def open(cls, url: str, *, readonly: bool = False, instance_id: str | None = None, lease_ttl: float = 30.0,
@@ -470,10 +473,10 @@ class PostgresStore:
             raise LeaseLost(f"{self.instance_id} no longer holds the lease on {sync_id} (held by {holder}); "
                             "nothing was written")
 
-    async def commit_run(self, commit: Commit, *, fenced: bool | None = None) -> int:
+    async def commit_run(self, commit: Commit) -> int:
         run = commit.run
         sid = run.sync_id
-        fenced = self.leasing if fenced is None else fenced
+        fenced = self.leasing
         async with self._transaction() as conn:
             if fenced:
                 await self._fence(conn, sid)
@@ -544,10 +547,9 @@ class PostgresStore:
 
     async def record_run(self, run: RunRecord, *, validators: dict[str, str] | None = None,
                          not_before: float | None = None, events: list[OutboxEvent] = (),
-                         tally: tuple[str, str | None] | None = None, deletes_held: int = 0,
-                         fenced: bool | None = None) -> None:
+                         tally: tuple[str, str | None] | None = None, deletes_held: int = 0) -> None:
         success = run.outcome != "failed"
-        fenced = self.leasing if fenced is None else fenced
+        fenced = self.leasing
         if not events:
             # The common case (unchanged and failed polls): one round trip, one statement.
             token = self.tokens.get(run.sync_id, -1) if fenced else None
@@ -623,20 +625,10 @@ class PostgresStore:
 
     # -- leases --------------------------------------------------------------------------------------
 
-    @property
-    def leasing(self) -> bool:
-        """Whether writes of runs need this instance's lease (set by a daemon that takes leases;
-        `syncd once` and `reset` rely on the generation check alone, as with SQLite)."""
-        return self._leasing
-
-    _leasing = False
-    #: This instance's fair share of the syncs at the last lease_tick.
-    share = 0
-    #: Seconds from the last lease_tick until another instance's lease or heartbeat runs out (None: none).
-    next_expiry: float | None = None
-
     def start_leasing(self) -> None:
-        self._leasing = True
+        """Writes of runs need this instance's lease from now on (a daemon that takes leases;
+        `syncd once` and `reset` rely on the generation check alone, as with SQLite)."""
+        self.leasing = True
 
     async def lease_tick(self, wanted: set[str], busy: set[str] = frozenset()) -> dict[str, int]:
         """Renew this instance's leases, then take or give back leases so that it holds about its

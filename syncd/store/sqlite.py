@@ -527,6 +527,9 @@ class SqliteStore:
         rows = await self._conn.execute_fetchall("SELECT sync_id FROM sync_controls WHERE paused = 1")
         return {r[0] for r in rows}
 
+    async def lease_owners(self) -> dict[str, str]:
+        return {}  # one instance, no leases
+
     async def set_paused(self, sync_id: str, paused: bool) -> None:
         async with self._transaction() as conn:
             await conn.execute("INSERT INTO sync_controls (sync_id, paused) VALUES (?, ?) "
