@@ -36,6 +36,7 @@ import pytest
 
 from conftest import send_signal, wait_for
 from test_daemon_crash import EMITTED_PG as EMITTED_SQL
+from test_daemon_crash import _limited
 
 INTERVAL = 1.0  # seconds: every sync's interval (the shortest DESIGN allows a real `syncd run`)
 LEASE_TTL = 3.0  # seconds: the shortest lease_ttl the settings allow
@@ -113,11 +114,6 @@ async def syncs_view(address: str) -> list[dict]:
     async with aiohttp.ClientSession() as session, session.get(f"http://{address}/v1/syncs") as resp:
         assert resp.status == 200
         return (await resp.json())["syncs"]
-
-
-def _limited(items, n: int = 6) -> str:
-    items = list(items)
-    return f"{items[:n]}{' ...' if len(items) > n else ''} ({len(items)} in all)"
 
 
 def check_deliveries(emitted: list[tuple], received: list[dict], truth: dict[tuple[str, str], Any]) -> str:

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import socket
 import time
+from contextlib import asynccontextmanager
 from typing import Any, Self
 from urllib.parse import unquote_plus
 
@@ -151,15 +152,21 @@ class OAuthServer:
         return web.json_response(LIST)
 
 
-@pytest.fixture
-async def oauth():
-    server = OAuthServer()
+@asynccontextmanager
+async def running(server):
+    """Serve `server.handle` on loopback for the block; `server.url` is set to where."""
     runner, port = await serve(server.handle)
     server.url = f"http://127.0.0.1:{port}"
     try:
         yield server
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def oauth():
+    async with running(OAuthServer()) as server:
+        yield server
 
 
 def oauth_auth(server: OAuthServer, *, secret: str = CLIENT_SECRET, scopes: str = '["read:items", "write:items"]',
@@ -323,13 +330,8 @@ class Scripted:
 
 @pytest.fixture
 async def scripted():
-    server = Scripted()
-    runner, port = await serve(server.handle)
-    server.url = f"http://127.0.0.1:{port}"
-    try:
+    async with running(Scripted()) as server:
         yield server
-    finally:
-        await runner.cleanup()
 
 
 async def test_429_with_retry_after_is_waited_out(scripted, conf_dir, state_path):
