@@ -115,3 +115,10 @@ def test_state_url_must_be_postgresql():
 
     with pytest.raises(ValidationError, match="PostgreSQL URL"):
         Settings(state_url="mysql://root@127.0.0.1/db")
+
+
+async def test_a_schema_that_does_not_exist_says_what_to_do(pg_url, conf_dir):
+    url = pg_url.rsplit("search_path=", 1)[0] + "search_path=no_such_schema_here"
+    code, out, err = await run_cli("status", env=cli_env(SYNCD_STATE_URL=url, SYNCD_CONFIG_DIR=str(conf_dir)))
+    assert code == 1 and "Traceback" not in err, err
+    assert "CREATE SCHEMA" in err and "no_such_schema_here" in err, err

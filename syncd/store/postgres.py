@@ -238,6 +238,9 @@ def store_error(exc: BaseException) -> StoreError:
     if isinstance(exc, StoreError):
         return exc
     text = str(exc) or type(exc).__name__
+    if isinstance(exc, asyncpg.InvalidSchemaNameError):
+        return StoreError(f"{text} (the schema that state_url's search_path names does not exist: create it with "
+                          "CREATE SCHEMA, or leave search_path out to use the database's default schema)", "other")
     if isinstance(exc, asyncpg.DiskFullError | asyncpg.OutOfMemoryError):
         return StoreError(text, "full")
     if isinstance(exc, asyncpg.InsufficientPrivilegeError | asyncpg.ReadOnlySQLTransactionError):
