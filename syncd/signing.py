@@ -9,6 +9,8 @@ import hashlib
 import hmac
 
 PREFIX = "whsec_"
+_BLOCK = 64  # SHA-256's block size
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 def secret_key(secret: str) -> bytes:
@@ -35,23 +37,57 @@ def check_secret(secret: str) -> str | None:
     return None
 
 
+class _Hmac:
+    """HMAC-SHA256 under one key, with the key's two padded blocks hashed once (RFC 2104): each
+    message then costs two hash copies instead of a fresh HMAC set-up (about half the time)."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > _BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_BLOCK, b"\0")
+        self._inner = hashlib.sha256(key.translate(hmac.trans_36))
+        self._outer = hashlib.sha256(key.translate(hmac.trans_5C))
+
+    def digest(self, *parts: bytes) -> bytes:
+        inner = self._inner.copy()
+        for part in parts:
+            inner.update(part)  # the body is hashed where it lies, not copied into one message
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
+class Signer:
+    """The signature headers of one secret's deliveries; the secret is decoded once, not per event."""
+
+    __slots__ = ("_standard", "_knit")
+
+    def __init__(self, secret: str) -> None:
+        self._standard = _Hmac(secret_key(secret))
+        self._knit = _Hmac(secret.encode())
+
+    def headers(self, event_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+        """The signature headers of one delivery attempt (DESIGN.md §5)."""
+        ts = str(timestamp)
+        standard = binascii.b2a_base64(self._standard.digest(f"{event_id}.{ts}.".encode(), body), newline=False)
+        # base64url without padding: a 32-byte MAC is 43 characters and one "=".
+        knit = binascii.b2a_base64(self._knit.digest(body), newline=False)[:43].translate(_URLSAFE)
+        return {
+            "webhook-id": event_id,
+            "webhook-timestamp": ts,
+            "webhook-signature": "v1," + standard.decode(),
+            "X-Knit-Signature": knit.decode(),
+        }
+
+
 @functools.lru_cache(maxsize=1024)
-def _keys(secret: str) -> tuple[bytes, bytes]:
-    """The Standard Webhooks key and Knit's key of a secret, decoded once (not per event)."""
-    return secret_key(secret), secret.encode()
+def signer(secret: str) -> Signer:
+    """The (cached) Signer of a secret."""
+    return Signer(secret)
 
 
 def sign_headers(secret: str, event_id: str, timestamp: int, body: bytes) -> dict[str, str]:
     """The signature headers of one delivery attempt."""
-    key, knit_key = _keys(secret)
-    # One-shot HMACs (C all the way), and the body hashed without first copying it into `signed`.
-    mac = hmac.new(key, f"{event_id}.{timestamp}.".encode(), hashlib.sha256)
-    mac.update(body)
-    standard = base64.b64encode(mac.digest()).decode()
-    knit = base64.urlsafe_b64encode(hmac.digest(knit_key, body, "sha256")).rstrip(b"=").decode()
-    return {
-        "webhook-id": event_id,
-        "webhook-timestamp": str(timestamp),
-        "webhook-signature": f"v1,{standard}",
-        "X-Knit-Signature": knit,
-    }
+    return signer(secret).headers(event_id, timestamp, body)
