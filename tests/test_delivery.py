@@ -9,14 +9,13 @@ import hmac
 import random
 import time
 
-import aiohttp
 import orjson
 import pytest
 
 from syncd.config import load_dir
 from syncd.delivery import Deliverer, Target, next_delay
 from syncd.engine import poll
-from syncd.http import parse_retry_after, poll_session
+from syncd.http import parse_retry_after, poll_session, webhook_session
 from syncd.settings import load_settings
 from syncd.source.fetcher import Source
 from syncd.store import Store
@@ -37,15 +36,17 @@ class Rig:
             f'[api_details]\nbase_url = "{upstream.url}"\npath = "/api"\n')
         self.settings = load_settings({"config_dir": conf_dir, "state_path": state_path})
         self.schedule, self.concurrency, self.timeout, self.secret = list(schedule), concurrency, timeout, secret
+        self.url = None  # the target's webhook_url (None: the one stored with each event)
         self.busy_timeout = busy_timeout
 
     async def __aenter__(self):
         self.store = await Store.open(self.settings.state_path, busy_timeout=self.busy_timeout)
         self.poll_session = poll_session()
         self.source = Source(self.poll_session, max_bytes=10**7)
-        self.hook_session = aiohttp.ClientSession()
+        self.hook_session = webhook_session(self.concurrency)
+        # Looked up per attempt, as the daemon's Daemon._target: a test may change url and secret.
         self.deliverer = Deliverer(self.store, self.hook_session, concurrency=self.concurrency, timeout=self.timeout,
-                                   schedule=self.schedule, target=lambda sid: Target(None, self.secret))
+                                   schedule=self.schedule, target=lambda sid: Target(self.url, self.secret))
         self.stop = asyncio.Event()
         self.task = asyncio.create_task(self.deliverer.run(self.stop))
         return self
