@@ -308,7 +308,7 @@ def _dry_run_summary(result) -> str:
     lines.append(f"  next-page hint: {result.warning or 'none'}")
     counts = {"record.new": result.new, "record.modified": result.modified, "record.deleted": result.deleted}
     detail = ", ".join(f"{n} {kind}" for kind, n in counts.items())
-    lines.append(f"  would queue:    {len(result.events)} event{'s' * (len(result.events) != 1)} ({detail})"
+    lines.append(f"  would queue:    {result.queued} event{'s' * (result.queued != 1)} ({detail})"
                  + (f" as {result.sync_type}" if result.sync_type else ""))
     if result.pending_deletes:
         lines.append(f"  pending:        {result.pending_deletes} missing record(s) waiting for confirm_deletes_after")

@@ -518,7 +518,7 @@ class Daemon:
         for event_type, count in (("record.new", result.new), ("record.modified", result.modified), ("record.deleted", result.deleted)):
             if count:
                 m.events.labels(sid, event_type).inc(count)
-        if result.events:
+        if result.queued:
             m.last_change.labels(sid).set(now)
         if result.invalid_ids:
             m.skipped.labels(sid, "invalid_id").inc(result.invalid_ids)

@@ -21,7 +21,7 @@ from xxhash import xxh3_128, xxh3_128_digest
 from syncd import diff
 from syncd.config import Sync, scrub
 from syncd.errors import CommitError, FetchError, RunError
-from syncd.events import DELTA, INITIAL, LIFECYCLE_KEY, Envelopes, EventType, lifecycle, new_id, new_ids
+from syncd.events import DELTA, INITIAL, LIFECYCLE_KEY, EventType, lifecycle, new_id, new_ids
 from syncd.jsonpath import without
 from syncd.records import dumps as exact_dumps
 from syncd.records import may_need_exact, parse_document, parse_json, split_list
@@ -31,6 +31,7 @@ from syncd.store import (
     Commit,
     LeaseLost,
     OutboxEvent,
+    RunEvents,
     RunRecord,
     StateConflict,
     StateStore,
@@ -38,7 +39,6 @@ from syncd.store import (
     body_dictionary,
     compress_body,
 )
-from syncd.units import iso_time
 
 log = structlog.get_logger("syncd.engine")
 
@@ -50,14 +50,16 @@ THREAD_THRESHOLD = 512 * 1024
 
 @dataclass
 class RunResult:
-    """What one poll did. `events` are the webhook bodies, in the order they were queued."""
+    """What one poll did, and the events it queued (`events`: their webhook bodies)."""
 
     sync_id: str
     run_id: str
     outcome: str  # changed | unchanged | baseline | failed
     sync_type: str | None = None
     error: str | None = None
-    events: list[bytes] = field(default_factory=list)
+    #: The record events it queued, then `outbox`: the lifecycle events it queued after them.
+    run_events: RunEvents | None = None
+    outbox: list[OutboxEvent] = field(default_factory=list)
     records: int | None = None
     new: int = 0
     modified: int = 0
@@ -79,6 +81,21 @@ class RunResult:
     #: The instance lost the sync's lease during the run: its results were discarded (PostgreSQL).
     lease_lost: bool = False
 
+    def failed(self, error: str) -> None:
+        """The run failed: nothing it computed is queued."""
+        self.outcome, self.error, self.run_events, self.outbox = "failed", error, None, []
+
+    @property
+    def queued(self) -> int:
+        """How many events the run queued."""
+        return len(self.run_events or ()) + len(self.outbox)
+
+    @property
+    def events(self) -> list[bytes]:
+        """The webhook bodies of the queued events, in order (what `syncd once` prints)."""
+        records = self.run_events.envelopes() if self.run_events else []
+        return records + [event.envelope() for event in self.outbox]
+
     @property
     def ok(self) -> bool:
         return self.outcome != "failed"
@@ -92,7 +109,7 @@ class _Analysis:
     invalid_ids: int
     duplicate_ids: int
     invalid_examples: list[str]
-    events: list[OutboxEvent]
+    events: RunEvents
     upserts: dict[str, bytes]
     deletes: list[str]
     counts: dict[str, int]
@@ -172,21 +189,23 @@ def _build(sync: Sync, snap: diff.Snapshot, plan: diff.Plan, run_id: str, sync_t
             counts[change.type] += 1
         sent = [change for change in plan.changes if change.type in wanted]
         now = time.time()
-        render = Envelopes(sync_type=sync_type, sync_id=sync.id, run_id=run_id, timestamp=iso_time(now)).render
         webhook_url, sid = spec.webhook_url, sync.id
         ignore = list(sync.ignore_paths)
         exact_possible, exact = snap.exact_possible, snap.exact
         record_json, record_value = diff.record_json, diff.record_value
         DELETED, NEW = EventType.DELETED, EventType.NEW
-        events: list[OutboxEvent] = []
-        add = events.append
-        for change, event_id in zip(sent, new_ids("evt", len(sent)), strict=True):
+        # Stored as eventData plus the run's constants: envelopes are rendered when read back.
+        events = RunEvents(sid, webhook_url, now, sync_type, run_id, run_key, new_ids("evt", len(sent)),
+                           [change.record_id for change in sent], [change.type for change in sent])
+        add = events.data.append
+        changed: list[bytes | None] = []
+        for change in sent:
             kind, record_id, fields = change.type, change.record_id, None
             if kind == DELETED:
                 before = old_bodies.get(record_id) if keep else None
-                data = before if before is not None else b"null"
+                add(before if before is not None else b"null")
             else:
-                data = record_json(change.record, exact_possible, exact)
+                add(record_json(change.record, exact_possible, exact))
                 if keep and kind != NEW:
                     before = old_bodies.get(record_id)
                     if before is not None:
@@ -195,9 +214,11 @@ def _build(sync: Sync, snap: diff.Snapshot, plan: diff.Plan, run_id: str, sync_t
                         new_record = record_value(change.record, exact_possible)
                         if ignore:
                             old_record, new_record = without(old_record, ignore), without(new_record, ignore)
-                        fields = diff.changed_fields(old_record, new_record)
-            add(OutboxEvent(event_id, sid, record_id, kind, webhook_url, now, render(event_id, kind, data, record_id, fields),
-                            run_key))
+                        fields = orjson.dumps(diff.changed_fields(old_record, new_record))
+            if keep:
+                changed.append(fields)
+        if any(fields is not None for fields in changed):
+            events.changed_fields = changed
         bodies, new_dict = None, None
         if keep:
             dumps = exact_dumps if snap.exact else orjson.dumps
@@ -249,7 +270,7 @@ async def poll(sync: Sync, store: StateStore | None, source: Source, *, dry_run:
                 result = RunResult(sync.id, run_id, "failed")
                 await _poll(sync, store, source, dry_run, result, started, accept_deletes)
         except RunError as exc:
-            result.outcome, result.error, result.events = "failed", f"{exc.stage}: {exc.reason}", []
+            result.failed(f"{exc.stage}: {exc.reason}")
             if isinstance(exc, FetchError):
                 result.not_before = exc.not_before
             if isinstance(exc, DeletesHeld):
@@ -257,16 +278,16 @@ async def poll(sync: Sync, store: StateStore | None, source: Source, *, dry_run:
             log.warning("poll failed", stage=exc.stage, error=exc.reason)
         except LeaseLost as exc:
             # Another instance owns the sync now: it polls it; nothing of this run is kept.
-            result.outcome, result.error, result.events = "failed", f"lease lost: {exc}", []
+            result.failed(f"lease lost: {exc}")
             result.lease_lost = True
             log.warning("poll discarded: this instance no longer holds the sync's lease", error=str(exc))
         except StoreError as exc:
-            result.outcome, result.error, result.events = "failed", f"state database: {exc}", []
+            result.failed(f"state database: {exc}")
             log.error("poll failed: the state database refused it", error=str(exc),
                       hint="check the state database's disk space, permissions and reachability; another process "
                            "may hold a lock")
         except Exception as exc:  # a bug must fail this run only, never the daemon or other syncs
-            result.outcome, result.error, result.events = "failed", f"internal error: {type(exc).__name__}: {scrub(str(exc), sync.secrets)}", []
+            result.failed(f"internal error: {type(exc).__name__}: {scrub(str(exc), sync.secrets)}")
             log.exception("poll failed with an internal error; please report it", error=result.error)
         result.duration = time.perf_counter() - t0
         if result.outcome == "failed" and store is not None and not dry_run and not result.lease_lost:
@@ -405,7 +426,7 @@ async def _unchanged(run: _Run, validators: dict[str, str] | None) -> None:
     result.outcome, result.sync_type, result.records = "unchanged", DELTA, state.record_count
     result.warning = state.last_warning  # the reason deletes were held still stands
     events = _processed(sync, result, [], tally=EventType.ALL_CONSUMED in sync.spec.events)
-    result.events = [e.body for e in events]
+    result.outbox = events
     if run.store is not None and not run.dry_run:
         await run.store.record_run(_run_record(result, run.started), validators=validators, events=events,
                                    tally=_tally(sync, result))
@@ -487,12 +508,11 @@ async def _finish(run: _Run, snap: diff.Snapshot, body_hash: bytes, validators: 
         detected = result.new + result.modified + result.deleted
         result.outcome = "baseline" if not send_records else "changed" if detected else "unchanged"
     tally = EventType.ALL_CONSUMED in spec.events
-    events = a.events + _processed(sync, result, a.events, tally=tally)
-    result.events = [e.body for e in events]
+    result.run_events, result.outbox = a.events, _processed(sync, result, a.events, tally=tally)
     # An initial run's (or a re-baseline's) upserts are the complete set: written as a replacement,
     # which also seeds the store's fingerprint cache for the next run.
     commit = Commit(_run_record(result, run.started), sync.shape, body_hash, upserts=a.upserts, deletes=a.deletes,
-                    events=events, replace_all=run.initial or run.rebaseline,
+                    run_events=a.events, events=result.outbox, replace_all=run.initial or run.rebaseline,
                     record_count=old_count + result.new - result.deleted if not run.rebaseline else len(a.upserts),
                     validators=validators, missing=a.missing, bodies=a.bodies, changed=bool(a.events),
                     tally=_tally(sync, result), drop_bodies=not keep and state is not None and state.keeps_records,

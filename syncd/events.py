@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from enum import StrEnum
@@ -65,14 +66,29 @@ class Envelopes:
         self._heads: dict[str, bytes] = {}
 
     def render(self, event_id: str, event_type: str, data_json: bytes, record_id: str | None,
-               changed_fields: list[str] | None = None) -> bytes:
-        """The body of one event; `data_json` is eventData as compact JSON (b"null" for none)."""
+               fields_json: bytes | None = None) -> bytes:
+        """The body of one event; `data_json` is eventData as compact JSON (b"null" for none),
+        `fields_json` changedFields as compact JSON (or None: no changedFields)."""
         head = self._heads.get(event_type)
         if head is None:
             head = self._heads[event_type] = b',"eventType":' + orjson.dumps(event_type) + b',"eventData":'
-        fields = b"" if changed_fields is None else b',"changedFields":' + orjson.dumps(changed_fields)
+        fields = b"" if fields_json is None else b',"changedFields":' + fields_json
         return b"".join((b'{"eventId":', orjson.dumps(event_id), head, data_json, fields, self._middle,
                          orjson.dumps(record_id), self._tail))
+
+
+@functools.lru_cache(maxsize=64)
+def _run_envelopes(sync_type: str | None, sync_id: str, run_id: str, created_at: float) -> Envelopes:
+    # Events are read back a run at a time: one Envelopes per run serves all of them.
+    return Envelopes(sync_type=sync_type, sync_id=sync_id, run_id=run_id, timestamp=iso_time(created_at))
+
+
+def render_stored(event_id: str, event_type: str, record_id: str | None, data_json: bytes, *, sync_type: str | None,
+                  sync_id: str, run_id: str, created_at: float, fields_json: bytes | None = None) -> bytes:
+    """The webhook body of an event stored as its parts (eventData and the run's constants):
+    byte for byte what `Envelopes.render` gave when the run built it."""
+    return _run_envelopes(sync_type, sync_id, run_id, created_at).render(event_id, event_type, data_json, record_id,
+                                                                         fields_json)
 
 
 def envelope(event_id: str, event_type: str, data: Any, *, sync_type: str | None, sync_id: str, run_id: str,

@@ -615,3 +615,13 @@ async def backend(request, tmp_path: Path):
         yield {"state_path": tmp_path / "state" / "state.db", "state_url": url}
     finally:
         await _drop_schema(url)
+
+
+def outbox_body(event_id: str, sync_id: str, record_id: str, event_type: str, created_at: float, body: bytes,
+                sync_type: str | None, sync_run_id: str | None, changed_fields: bytes | None) -> bytes:
+    """The webhook body of an outbox row read with SQL (SQLite stores a run's record events as
+    their parts: eventData in `body`, the rest in columns)."""
+    from syncd.store import OutboxEvent
+
+    return OutboxEvent(event_id, sync_id, record_id, event_type, "", created_at, body, None, sync_type, sync_run_id,
+                       changed_fields).envelope()

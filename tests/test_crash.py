@@ -44,7 +44,7 @@ import pytest
 
 from syncd.diff import DELETED, MODIFIED, NEW, fingerprint
 
-from conftest import ForkServer, _drop_schema, _pg_schema, send_signal, write_sync
+from conftest import ForkServer, _drop_schema, _pg_schema, outbox_body, send_signal, write_sync
 
 SYNC_ID = "crash"
 SEED = 20240611
@@ -308,9 +308,10 @@ def _read_sqlite(state_path: Path, context: str) -> tuple | None:
         tables = _table_names(db)
         stored = dict(db.execute("SELECT record_id, fingerprint FROM records WHERE sync_id = ?", (SYNC_ID,))) \
             if "records" in tables else {}
-        rows = db.execute(
-            "SELECT seq, event_id, record_id, event_type, body FROM outbox WHERE sync_id = ? ORDER BY seq", (SYNC_ID,)
-        ).fetchall() if "outbox" in tables else []
+        rows = [(seq, event_id, record_id, event_type, outbox_body(event_id, sync_id, record_id, event_type, *parts))
+                for seq, event_id, sync_id, record_id, event_type, *parts in db.execute(
+                    "SELECT seq, event_id, sync_id, record_id, event_type, created_at, body, sync_type, sync_run_id, "
+                    "changed_fields FROM outbox WHERE sync_id = ? ORDER BY seq", (SYNC_ID,))] if "outbox" in tables else []
         runs = db.execute(
             "SELECT run_id, outcome, new, modified, deleted FROM runs WHERE sync_id = ? ORDER BY seq", (SYNC_ID,)
         ).fetchall() if "runs" in tables else []

@@ -58,7 +58,7 @@ import pytest
 
 from syncd.store import Store
 
-from conftest import ForkedProcess, ForkServer, cli_env, send_signal
+from conftest import ForkedProcess, ForkServer, cli_env, outbox_body, send_signal
 
 SYNC_ID = "crashy"
 SEED = 20240917
@@ -68,16 +68,20 @@ START_TIMEOUT = 20.0
 FINAL_TIMEOUT = 30.0
 
 EMITTED_SQL = """
-CREATE TABLE IF NOT EXISTS emitted (event_id TEXT, sync_id TEXT, record_id TEXT, seq INTEGER, body BLOB);
+CREATE TABLE IF NOT EXISTS emitted (event_id TEXT, sync_id TEXT, record_id TEXT, seq INTEGER, body BLOB,
+                                    event_type TEXT, created_at REAL, sync_type TEXT, sync_run_id TEXT, changed_fields BLOB);
 CREATE TRIGGER IF NOT EXISTS emitted_log AFTER INSERT ON outbox BEGIN
-    INSERT INTO emitted VALUES (new.event_id, new.sync_id, new.record_id, new.seq, new.body);
+    INSERT INTO emitted VALUES (new.event_id, new.sync_id, new.record_id, new.seq, new.body, new.event_type,
+                                new.created_at, new.sync_type, new.sync_run_id, new.changed_fields);
 END;
 """
 EMITTED_PG = """
-CREATE TABLE IF NOT EXISTS emitted (event_id TEXT, sync_id TEXT, record_id TEXT, seq BIGINT, body BYTEA);
+CREATE TABLE IF NOT EXISTS emitted (event_id TEXT, sync_id TEXT, record_id TEXT, seq BIGINT, body BYTEA,
+                                    event_type TEXT, created_at FLOAT8, sync_type TEXT, sync_run_id TEXT, changed_fields BYTEA);
 CREATE OR REPLACE FUNCTION emitted_log() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO emitted VALUES (NEW.event_id, NEW.sync_id, NEW.record_id, NEW.seq, NEW.body);
+    INSERT INTO emitted VALUES (NEW.event_id, NEW.sync_id, NEW.record_id, NEW.seq, NEW.body, NEW.event_type,
+                                NEW.created_at);
     RETURN NEW;
 END $$;
 CREATE TRIGGER emitted_log AFTER INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION emitted_log();
@@ -433,7 +437,10 @@ async def test_sigkill_during_deliveries_loses_nothing_and_keeps_record_order(up
     elapsed = time.monotonic() - t_start
 
     # -- what was committed, what is left, what the receiver saw ------------------------------
-    emitted = await query(state, "SELECT event_id, sync_id, record_id, seq, body FROM emitted ORDER BY seq")
+    emitted = [(event_id, sync_id, record_id, seq, outbox_body(event_id, sync_id, record_id, *parts))
+               for event_id, sync_id, record_id, seq, *parts in await query(
+                   state, "SELECT event_id, sync_id, record_id, seq, event_type, created_at, body, sync_type, sync_run_id, "
+                          "changed_fields FROM emitted ORDER BY seq")]
     leftovers = await query(state, "SELECT event_id, record_id, attempts, last_status, last_error, dead_at FROM outbox")
     assert emitted, "no event was ever committed: the test exercised nothing"
     seq_of = {e[0]: e[3] for e in emitted}

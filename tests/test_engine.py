@@ -102,7 +102,7 @@ async def test_seed_example_initial_then_deltas(employees, upstream):
     assert [(e.event_type, e.record_id) for e in outbox] == (
         sorted(kinds(first)) if kinds(first)[0][1] == "1" else kinds(first)
     ) + [("record.modified", "2"), ("record.deleted", "1"), ("record.new", "x-3")]
-    assert [orjson.loads(e.body) for e in outbox][-1] == added.parsed[0]
+    assert [orjson.loads(e.envelope()) for e in outbox][-1] == added.parsed[0]
 
 
 async def test_unchanged_response_is_a_successful_run_without_events(employees, upstream):

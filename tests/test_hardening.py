@@ -249,7 +249,7 @@ async def test_a_failed_commit_reports_its_own_error_not_the_rollback(state_path
                 await conn.execute("INSERT INTO outbox (event_id, sync_id, record_id, event_type, webhook_url, "
                                    "created_at, body) VALUES ('e', 's', 'r', 't', 'u', 0, x'00')")
                 await conn.execute("INSERT INTO outbox (event_id, sync_id, record_id, event_type, webhook_url, "
-                                   "created_at, body) VALUES ('e', 's', 'r', 't', 'u', 0, x'00')")
+                                   "created_at, body) VALUES ('e', 's', 'r', 't', NULL, 0, x'00')")
         # SQLite rolls back on its own after SQLITE_FULL: ROLLBACK then fails with "no transaction
         # is active", which must not replace the real error.
         with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):

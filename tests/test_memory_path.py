@@ -162,7 +162,8 @@ def test_envelopes_rendered_from_parts_are_the_envelope_bytes():
         for data in ({"a": [1, 2.5, None], "b": "\u2603"}, None, []):
             expected = envelope("evt_1", "record.modified", data, sync_type=sync_type, sync_id="s\u00e9", run_id="run_1",
                                 record_id=record_id, timestamp="2026-11-27T10:00:00.123Z", changed_fields=fields)
-            assert parts.render("evt_1", "record.modified", orjson.dumps(data), record_id, fields) == expected
+            fields_json = None if fields is None else orjson.dumps(fields)
+            assert parts.render("evt_1", "record.modified", orjson.dumps(data), record_id, fields_json) == expected
 
 
 def test_event_ids_from_one_random_draw_are_unique_and_well_formed():

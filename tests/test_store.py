@@ -5,17 +5,20 @@ instances sharing one database add: leases, fencing, claims across instances, LI
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import orjson
 import pytest
 
+from syncd.events import new_ids
 from syncd.store import (
     RUNS_KEPT,
     Commit,
     ConsumedRun,
     LeaseLost,
     OutboxEvent,
+    RunEvents,
     RunRecord,
     SchemaError,
     StateConflict,
@@ -125,10 +128,10 @@ async def test_commit_run_writes_fingerprints_events_and_sync_row_together(store
 async def test_a_failing_commit_writes_nothing_at_all(store, other):
     await commit(store, "a", upserts={"1": b"f1"}, events=[event("a", "1", 1)])
     before = await other.sync_state("a")
-    # The second event repeats an event id: the outbox refuses it, after the fingerprints were written.
+    # The second event has no webhook URL: the outbox refuses it, after the fingerprints were written.
     with pytest.raises(StoreError):
         await commit(store, "a", upserts={"1": b"changed", "2": b"f2"}, deletes=[],
-                     events=[event("a", "2", 1), event("a", "1", 1)])
+                     events=[event("a", "2", 1), dataclasses.replace(event("a", "1", 2), webhook_url=None)])
     for s in (store, other):
         state = await s.sync_state("a")
         assert state.generation == before.generation and state.record_count == 1
@@ -417,6 +420,55 @@ async def test_a_run_without_a_tally_is_never_announced(store):
     await commit(store, "a", upserts={}, events=[event("a", "R", 1, run_id="r1")])
     await _settle(store, time.time() + 1, delivered=["evt_a_R_1"])
     assert await store.consumed_runs() == []
+
+
+# -- a run's record events, stored as parts ------------------------------------------------------
+
+
+def run_events(sync_id: str, count: int, *, run_id: str | None = None, prefix: str = "r") -> RunEvents:
+    """`count` record events of one run, of all three types, with awkward ids and data."""
+    types = ["record.new", "record.modified", "record.deleted"]
+    odd = ['é"\\', "\u2028", "x y", "🙂", "1e3", "{}"]
+    events = RunEvents(sync_id, URL, 1_790_000_000.125, "delta_sync", "run_parts", run_id,
+                       new_ids("evt", count), [f"{prefix}{i}{odd[i % len(odd)]}" for i in range(count)],
+                       [types[i % 3] for i in range(count)])
+    events.data = [b"null" if i % 3 == 2 else b'{"id":%d,"amount":1.00000000000000000002,"s":"\\u00e9\\""}' % i
+                   for i in range(count)]
+    return events
+
+
+@pytest.mark.parametrize("count", [3, 700])  # row by row, and one statement of packed parameters
+async def test_run_events_come_back_as_their_envelopes_in_order(store, other, count):
+    events = run_events("a", count, run_id="run_parts")
+    expected = events.envelopes()
+    assert orjson.loads(expected[0])["eventData"]["id"] == 0 and b"1.00000000000000000002" in expected[0]
+    upserts = {f"k{i}": i.to_bytes(16, "big") for i in range(count)}
+    c = Commit(run_record("a", "run_parts"), "shape", b"h", upserts=upserts, record_count=count, run_events=events,
+               events=[event("a", "L", 1, kind="sync.events.processed")], expected_generation=0, replace_all=True,
+               tally=(URL, "delta_sync"))
+    await store.commit_run(c)
+    assert await other.fingerprints(await other.sync_state("a")) == upserts
+    assert [e.envelope() for e in await other.outbox("a")] == [*expected, c.events[0].body]
+    claimed = []
+    while batch := await other.claim_due(time.time() + 1, 500):
+        claimed += batch
+        await other.record_attempts([e.seq for e in batch], [], [])
+    assert [e.body for e in claimed] == [*expected, c.events[0].body]
+    assert [e.seq for e in claimed] == sorted(e.seq for e in claimed)
+    assert [(e.event_id, e.record_id, e.event_type) for e in claimed[:-1]] == list(
+        zip(events.event_ids, events.record_ids, events.types, strict=True))
+    assert await other.events_since(0) == {"a": events.counts()}
+    assert [(r.delivered, r.dead) for r in await other.consumed_runs()] == [(count, 0)]
+
+
+async def test_run_events_that_cannot_be_packed_are_stored_row_by_row(store):
+    events = run_events("a", 300)
+    events.changed_fields = [None] * 300
+    events.changed_fields[1] = b'["$.amount"]'
+    await store.commit_run(Commit(run_record("a", "r1"), "shape", b"h", run_events=events, expected_generation=0))
+    stored = await store.outbox("a")
+    assert [e.envelope() for e in stored] == events.envelopes()
+    assert orjson.loads(stored[1].envelope())["changedFields"] == ["$.amount"]
 
 
 # -- operators -----------------------------------------------------------------------------------

@@ -51,3 +51,29 @@ async def test_a_newer_database_is_refused_with_a_clear_error(state_path):
         await Store.open(state_path)
     with pytest.raises(SchemaError, match="newer syncd"):
         await Store.open(state_path, readonly=True)
+
+
+async def test_queued_events_survive_the_outbox_rebuild_of_version_4(state_path):
+    """v4 rebuilt the outbox (no UNIQUE on event_id, record events stored as parts): events queued
+    before the upgrade keep their bodies, state and order, and sequence numbers go on."""
+    make_v1(state_path)
+    conn = sqlite3.connect(state_path)
+    insert = ("INSERT INTO outbox (seq, event_id, sync_id, record_id, event_type, webhook_url, created_at, body, "
+              "attempts, next_attempt_at, dead_at) VALUES (?, ?, 'a', ?, 'record.new', 'http://127.0.0.1:9/h', 1, ?, ?, ?, ?)")
+    conn.execute(insert, (50, "evt_gone", "0", b"{}", 0, 0, None))
+    conn.execute("DELETE FROM outbox WHERE seq = 50")  # delivered: the sequence stays at 50
+    conn.execute(insert, (7, "evt_dead", "1", b'{"eventId":"evt_dead"}', 8, 0, 5.0))
+    conn.execute(insert, (9, "evt_due", "2", b'{"eventId":"evt_due"}', 1, 0, None))
+    conn.commit()
+    conn.close()
+    async with await Store.open(state_path) as store:
+        [due] = await store.claim_due(10.0, 10)
+        assert (due.seq, due.event_id, due.body, due.attempts) == (9, "evt_due", b'{"eventId":"evt_due"}', 1)
+        listed = {d.event_id: d for d in await store.deliveries()}
+        assert listed["evt_dead"].dead_at == 5.0 and listed["evt_dead"].attempts == 8
+    conn = sqlite3.connect(state_path)
+    assert conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchall() == [(50,)]
+    assert not [row for row in conn.execute("PRAGMA index_list(outbox)") if row[2]]  # no unique index left
+    indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'outbox'")}
+    assert {"outbox_by_record", "outbox_due", "outbox_due_by_sync", "outbox_dead", "outbox_by_run"} <= indexes
+    conn.close()

@@ -15,6 +15,7 @@ from syncd.store.base import (
     OutboxEvent,
     OutboxStats,
     PendingEvent,
+    RunEvents,
     RunRecord,
     SchemaError,
     StateConflict,
@@ -33,7 +34,7 @@ Store = SqliteStore
 
 __all__ = [
     "RUNS_KEPT", "SCHEMA_VERSION", "Commit", "ConsumedRun", "Delivery", "LeaseLost", "OutboxEvent", "OutboxStats",
-    "PendingEvent", "RunRecord", "SchemaError", "SqliteStore", "StateConflict", "StateLocked", "StateStore", "Store",
+    "PendingEvent", "RunEvents", "RunRecord", "SchemaError", "SqliteStore", "StateConflict", "StateLocked", "StateStore", "Store",
     "StoreError", "SyncState", "body_dictionary", "compress_body", "create_private", "decompress_body", "default_instance_id",
     "lock_instance", "open_store",
 ]

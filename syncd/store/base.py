@@ -18,6 +18,9 @@ from typing import Protocol
 
 import orjson
 
+from syncd.events import Envelopes, render_stored
+from syncd.units import iso_time
+
 RUNS_KEPT = 100  # run history rows kept per sync
 
 
@@ -115,6 +118,10 @@ class RunRecord:
 
 @dataclass(frozen=True, slots=True)
 class OutboxEvent:
+    """An event to queue. `body` is the webhook body, or, when `sync_run_id` is set, only its
+    eventData (compact JSON): the envelope is rendered from the parts when it is read back, so
+    an initial run of 100k records does not build and store 100k envelopes (see `envelope`)."""
+
     event_id: str
     sync_id: str
     record_id: str
@@ -124,6 +131,19 @@ class OutboxEvent:
     body: bytes
     #: Set when the run's events are tallied for sync.events.allConsumed.
     run_id: str | None = None
+    #: The parts of a record event's envelope that `body` lacks (its run's syncType and
+    #: syncRunId; changedFields as JSON, keep_records only). None: `body` is the whole envelope.
+    sync_type: str | None = None
+    sync_run_id: str | None = None
+    changed_fields: bytes | None = None
+
+    def envelope(self) -> bytes:
+        """The webhook body."""
+        if self.sync_run_id is None:
+            return self.body
+        return render_stored(self.event_id, self.event_type, self.record_id, self.body, sync_type=self.sync_type,
+                             sync_id=self.sync_id, run_id=self.sync_run_id, created_at=self.created_at,
+                             fields_json=self.changed_fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +159,63 @@ class PendingEvent:
     body: bytes
     attempts: int
     created_at: float
+
+
+@dataclass(slots=True)
+class RunEvents:
+    """One run's record events, column by column: what they share once, and per event its id,
+    record id, type and eventData (compact JSON). An initial run of 100k records queues them
+    without building 100k event objects, and a store can write them in one statement."""
+
+    sync_id: str
+    webhook_url: str
+    created_at: float
+    sync_type: str | None
+    sync_run_id: str
+    #: The run's id when its events are tallied for sync.events.allConsumed, else None.
+    run_id: str | None
+    event_ids: list[str] = field(default_factory=list)
+    record_ids: list[str] = field(default_factory=list)
+    types: list[str] = field(default_factory=list)
+    data: list[bytes] = field(default_factory=list)
+    #: changedFields as JSON per event (keep_records' record.modified), or None when no event has any.
+    changed_fields: list[bytes | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.event_ids)
+
+    def events(self) -> list[OutboxEvent]:
+        """The same events as OutboxEvent objects (stored as parts: see OutboxEvent)."""
+        sid, url, at, run_id, sync_type, sync_run_id = (self.sync_id, self.webhook_url, self.created_at, self.run_id,
+                                                       self.sync_type, self.sync_run_id)
+        fields = self.changed_fields or [None] * len(self.event_ids)
+        return [OutboxEvent(event_id, sid, record_id, kind, url, at, data, run_id, sync_type, sync_run_id, changed)
+                for event_id, record_id, kind, data, changed in zip(self.event_ids, self.record_ids, self.types,
+                                                                     self.data, fields, strict=True)]
+
+    def envelopes(self) -> list[bytes]:
+        """The webhook bodies, in order."""
+        render = Envelopes(sync_type=self.sync_type, sync_id=self.sync_id, run_id=self.sync_run_id,
+                           timestamp=iso_time(self.created_at)).render
+        fields = self.changed_fields or [None] * len(self.event_ids)
+        return [render(event_id, kind, data, record_id, changed)
+                for event_id, record_id, kind, data, changed in zip(self.event_ids, self.record_ids, self.types,
+                                                                     self.data, fields, strict=True)]
+
+    def counts(self) -> tuple[int, int, int]:
+        """How many record.new, record.modified and record.deleted events there are."""
+        types = self.types
+        return types.count("record.new"), types.count("record.modified"), types.count("record.deleted")
+
+
+def pending_event(seq: int, event_id: str, sync_id: str, record_id: str, event_type: str, webhook_url: str,
+                  body: bytes, attempts: int, created_at: float, sync_type: str | None, sync_run_id: str | None,
+                  changed_fields: bytes | None) -> PendingEvent:
+    """A PendingEvent from an outbox row stored as its parts (see OutboxEvent), its body rendered."""
+    if sync_run_id is not None:
+        body = render_stored(event_id, event_type, record_id, body, sync_type=sync_type, sync_id=sync_id,
+                             run_id=sync_run_id, created_at=created_at, fields_json=changed_fields)
+    return PendingEvent(seq, event_id, sync_id, record_id, event_type, webhook_url, body, attempts, created_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +262,8 @@ class Commit:
     deletes: list[str] = field(default_factory=list)
     replace_all: bool = False  # re-baseline: drop every stored fingerprint first
     record_count: int = 0  # fingerprints stored once the commit is applied
+    #: The run's record events, queued first; then `events` (its lifecycle events).
+    run_events: RunEvents | None = None
     events: list[OutboxEvent] = field(default_factory=list)
     #: The sync's generation when the run read its state: if another process (`syncd once`,
     #: `syncd reset`) committed since, this run's diff is stale and the commit is refused.
@@ -301,13 +380,14 @@ def default_instance_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def record_event_counts(events: list[OutboxEvent]) -> tuple[int, int, int]:
-    """How many record.new, record.modified and record.deleted events are in `events`."""
+def record_event_counts(events: list[OutboxEvent], run_events: RunEvents | None = None) -> tuple[int, int, int]:
+    """How many record.new, record.modified and record.deleted events are in `events` and `run_events`."""
     counts = {"record.new": 0, "record.modified": 0, "record.deleted": 0}
     for e in events:
         if e.event_type in counts:
             counts[e.event_type] += 1
-    return counts["record.new"], counts["record.modified"], counts["record.deleted"]
+    new, modified, deleted = run_events.counts() if run_events else (0, 0, 0)
+    return counts["record.new"] + new, counts["record.modified"] + modified, counts["record.deleted"] + deleted
 
 
 def dump_validators(validators: dict[str, str] | None) -> str | None:

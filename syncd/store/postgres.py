@@ -25,6 +25,7 @@ import os
 import socket
 import time
 from contextlib import asynccontextmanager
+from itertools import repeat
 from typing import Any
 
 import asyncpg
@@ -41,6 +42,7 @@ from syncd.store.base import (
     OutboxEvent,
     OutboxStats,
     PendingEvent,
+    RunEvents,
     RunRecord,
     SchemaError,
     StateConflict,
@@ -518,10 +520,10 @@ class PostgresStore:
                     "UPDATE records SET missing = t.m FROM unnest($2::text[], $3::int[]) AS t(r, m) "
                     "WHERE records.sync_id = $1 AND records.record_id = t.r",
                     sid, list(commit.missing), list(commit.missing.values()))
-            await _queue(conn, commit.events)
-            await _count_events(conn, sid, run.finished_at, commit.events)
+            await _queue(conn, commit.events, commit.run_events)
+            await _count_events(conn, sid, run.finished_at, commit.events, commit.run_events)
             if commit.tally is not None:
-                await _open_tally(conn, run, commit.tally, commit.events)
+                await _open_tally(conn, run, commit.tally, commit.events, commit.run_events)
             pending = await conn.fetchval("SELECT count(*) FROM records WHERE sync_id = $1 AND missing > 0", sid)
             changed = commit.changed or commit.replace_all or bool(commit.upserts) or bool(commit.deletes)
             generation = await conn.fetchval(
@@ -541,9 +543,9 @@ class PostgresStore:
                 sid, commit.shape, commit.body_hash, commit.record_count, run.finished_at, run.outcome, changed,
                 dump_validators(commit.validators), run.warning, pending, commit.bodies is not None, commit.body_dict)
             await _insert_run(conn, run)
-            if commit.events:
+            if commit.events or commit.run_events:
                 await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
-        if commit.events:
+        if commit.events or commit.run_events:
             self.outbox_changed.set()
         self._cache.committed(commit, generation)
         return pending
@@ -930,12 +932,20 @@ async def _migrate(conn: asyncpg.Connection, readonly: bool) -> None:
 _COPY_OVER = 200  # events queued with COPY above this many (an initial run of 100k records)
 
 
-async def _queue(conn: asyncpg.Connection, events: list[OutboxEvent]) -> None:
-    if not events:
+async def _queue(conn: asyncpg.Connection, events: list[OutboxEvent], run_events: RunEvents | None = None) -> None:
+    """A run's record events (first) and other events. Stored as whole envelopes: several
+    instances, possibly of different syncd versions during an upgrade, read these rows, and all of
+    them can send a stored envelope as it is."""
+    rows = []
+    if run_events:
+        r = run_events
+        rows = list(zip(r.event_ids, repeat(r.sync_id), r.record_ids, map(str, r.types), repeat(r.webhook_url),
+                        repeat(r.created_at), r.envelopes(), repeat(r.run_id), strict=False))
+    rows += [(e.event_id, e.sync_id, e.record_id, str(e.event_type), e.webhook_url, e.created_at, e.envelope(), e.run_id)
+             for e in events]
+    if not rows:
         return
     columns = ["event_id", "sync_id", "record_id", "event_type", "webhook_url", "created_at", "body", "run_id"]
-    rows = [(e.event_id, e.sync_id, e.record_id, str(e.event_type), e.webhook_url, e.created_at, e.body, e.run_id)
-            for e in events]
     if len(rows) > _COPY_OVER:
         await conn.copy_records_to_table("outbox", records=rows, columns=columns)
     else:
@@ -945,15 +955,18 @@ async def _queue(conn: asyncpg.Connection, events: list[OutboxEvent]) -> None:
 
 
 async def _open_tally(conn: asyncpg.Connection, run: RunRecord, tally: tuple[str, str | None],
-                      events: list[OutboxEvent]) -> None:
+                      events: list[OutboxEvent], run_events: RunEvents | None = None) -> None:
     total = sum(1 for e in events if e.run_id is not None)
+    if run_events is not None and run_events.run_id is not None:
+        total += len(run_events)
     if total:
         await conn.execute("INSERT INTO run_tallies (run_id, sync_id, sync_type, webhook_url, total) "
                            "VALUES ($1, $2, $3, $4, $5)", run.run_id, run.sync_id, tally[1], tally[0], total)
 
 
-async def _count_events(conn: asyncpg.Connection, sync_id: str, at: float, events: list[OutboxEvent]) -> None:
-    counts = record_event_counts(events)
+async def _count_events(conn: asyncpg.Connection, sync_id: str, at: float, events: list[OutboxEvent],
+                        run_events: RunEvents | None = None) -> None:
+    counts = record_event_counts(events, run_events)
     if not any(counts):
         return
     hour = int(at // 3600)
