@@ -41,9 +41,10 @@ __all__ = [
 
 
 async def open_store(*, state_path: Path, state_url: str | None = None, readonly: bool = False, **options) -> StateStore:
-    """The store the settings name: PostgreSQL when `state_url` is set, else the SQLite file."""
+    """The store the settings name: PostgreSQL when `state_url` is set, else the SQLite file.
+    `options` go to that backend's `open`."""
     if state_url:
         from syncd.store.postgres import PostgresStore
 
         return await PostgresStore.open(state_url, readonly=readonly, **options)
-    return await SqliteStore.open(state_path, readonly=readonly)
+    return await SqliteStore.open(state_path, readonly=readonly, **options)

@@ -374,7 +374,11 @@ class SqliteStore:
         self._identity: tuple[int, int] | None = None
 
     @classmethod
-    async def open(cls, path: Path | str, *, readonly: bool = False, busy_timeout: float = 10.0) -> SqliteStore:
+    async def open(cls, path: Path | str, *, readonly: bool = False, busy_timeout: float = 10.0,
+                   autocheckpoint: bool = True) -> SqliteStore:
+        """`autocheckpoint=False`, for short-lived processes: no WAL checkpoint inside a commit
+        (an initial run's COMMIT of 100k events took 150 ms for it, 20 ms without); the WAL is
+        checkpointed when the last connection closes, or by the daemon's next commit."""
         path = Path(path)
         if readonly:
             conn = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
@@ -389,6 +393,8 @@ class SqliteStore:
                 # WAL + NORMAL: a process crash loses nothing committed; a power cut may lose the
                 # last transactions whole, never half of one, which the next run finds again.
                 await conn.execute("PRAGMA synchronous = NORMAL")
+                if not autocheckpoint:
+                    await conn.execute("PRAGMA wal_autocheckpoint = 0")
                 await _migrate(conn, path)
             else:
                 version = (await (await conn.execute("PRAGMA user_version")).fetchone())[0]
