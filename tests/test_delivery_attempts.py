@@ -29,7 +29,12 @@ async def test_an_attempt_without_an_answer_fails_after_webhook_timeout(upstream
         async with Rig(upstream, receiver, conf_dir, state_path, concurrency=1, timeout=0.5, schedule=[60]) as rig:
             await rig.poll([{"id": 1}, {"id": 2}, {"id": 3}])
             await wait_for(lambda: len(receiver.delivered()) == 2, timeout=10)
-            (row,) = [d for d in await rig.outbox() if d.record_id == "1"]
+            for _ in range(200):  # the receiver answered; the outcomes are committed in a batch soon after
+                rows = [d for d in await rig.outbox() if d.record_id == "1" and d.attempts]
+                if rows:
+                    break
+                await asyncio.sleep(0.02)
+            (row,) = rows
             assert row.attempts == 1
             assert row.last_error == "no complete response within webhook_timeout of 0.5s"
             sent = {e["event"]["recordId"]: e["at"] for e in arrivals}
