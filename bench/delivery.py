@@ -24,7 +24,7 @@ allows it).
 
 With --profile, one more baseline and one more syncd run (not in the table) are made under
 cProfile and their own time is compared per group (signing, syncd.delivery, aiosqlite, aiohttp,
-asyncio, ...), with a few counters (due_events, record_attempts, next_due, Signer.headers) wrapped
+asyncio, ...), with a few counters (due rows read, record_attempts, next_due, Signer.headers) wrapped
 around syncd's functions at run time; nothing in syncd is modified. cProfile sees only the
 event-loop thread: SQLite's own work in aiosqlite's thread shows up as "other threads" CPU and in
 the awaited time of the store calls.
@@ -422,7 +422,7 @@ def instrument() -> tuple[dict, callable]:
         setattr(owner, name, wrapper)
         undo.append((owner, name, orig))
 
-    wrap_async(Store, "due_events", lambda args, result: len(result))
+    wrap_async(Store, "_due_rows", lambda args, result: len(result))
     wrap_async(Store, "record_attempts", lambda args, result: len(args[1]) + len(args[2]) + len(args[3]))
     wrap_async(Store, "next_due")
     wrap_sync(Signer, "headers")

@@ -715,6 +715,10 @@ class SqliteStore:
     async def due_events(self, now: float, limit: int, sync_id: str | None = None) -> list[PendingEvent]:
         """Deliverable events: due, not dead, and the oldest undelivered event of their record
         (a later event of a record waits until the earlier one is delivered or dead)."""
+        return [pending_event(*row) for row in await self._due_rows(now, limit, sync_id)]
+
+    async def _due_rows(self, now: float, limit: int, sync_id: str | None) -> list[tuple]:
+        """due_events' rows, bodies not rendered yet (columns as pending_event takes them)."""
         where = "o.sync_id = ? AND " if sync_id is not None else ""
         args = (sync_id, now, limit) if sync_id is not None else (now, limit)
         # Never while a run's commit is open: a webhook could go out for a run that then rolls back.
@@ -732,21 +736,21 @@ class SqliteStore:
                 """,
                 args,
             )
-        return [pending_event(*row) for row in rows]
+        return rows
 
     async def claim_due(self, now: float, limit: int, sync_id: str | None = None) -> list[PendingEvent]:
         """Claim up to `limit` deliverable events for this process's deliverer (see due_events),
         skipping those claimed already and the records they belong to."""
         claimed, records = self._claimed, self._claimed_records
-        rows = await self.due_events(now, limit + len(claimed), sync_id)
+        rows = await self._due_rows(now, limit + len(claimed), sync_id)
         out = []
-        for e in rows:
-            key = (e.sync_id, e.record_id)
-            if e.seq in claimed or key in records:
-                continue
-            claimed.add(e.seq)
-            records[key] = e.seq
-            out.append(e)
+        for row in rows:
+            seq, key = row[0], (row[2], row[3])
+            if seq in claimed or key in records:
+                continue  # held already: not rendered again
+            claimed.add(seq)
+            records[key] = seq
+            out.append(pending_event(*row))
             if len(out) >= limit:
                 break
         return out
