@@ -8,10 +8,14 @@ through jsonpath-rw with its crashing nodes replaced by guarded twins.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 
+import ply.lex
+import ply.yacc
 from jsonpath_rw import jsonpath as rw
-from jsonpath_rw.parser import JsonPathParser
+from jsonpath_rw.lexer import JsonPathLexer, JsonPathLexerError
+from jsonpath_rw.parser import IteratorToTokenStream, JsonPathParser, logger
 
 __all__ = ["JsonPath", "JsonPathError", "MISSING", "compile_path"]
 
@@ -30,14 +34,49 @@ class _Missing:
 MISSING: Any = _Missing()
 
 
+class _Lexer(JsonPathLexer):
+    """jsonpath-rw's lexer, its ply lexer built once: jsonpath-rw builds a new one per expression."""
+
+    _built = None
+
+    def tokenize(self, string):
+        if _Lexer._built is None:
+            _Lexer._built = ply.lex.lex(module=self, debug=self.debug, errorlog=logger)
+        lexer = _Lexer._built.clone()
+        lexer.latest_newline = 0
+        lexer.string_value = None
+        lexer.input(string)
+        while (t := lexer.token()) is not None:
+            t.col = t.lexpos - lexer.latest_newline
+            yield t
+        if lexer.string_value is not None:
+            raise JsonPathLexerError("Unexpected EOF in string literal or identifier")
+
+
 class _Parser(JsonPathParser):
     """jsonpath-rw's parser, with readable syntax errors (jsonpath-rw's own `p_error` crashes with
-    "'NoneType' object has no attribute 'lineno'" when the expression ends too early)."""
+    "'NoneType' object has no attribute 'lineno'" when the expression ends too early), and its
+    LALR tables built once per process: jsonpath-rw builds them for every expression (2.4 ms
+    each, 48 s for 10,000 syncs with distinct paths). One parser, so parses take turns."""
+
+    def __init__(self) -> None:
+        super().__init__(lexer_class=_Lexer)
+        self._yacc = ply.yacc.yacc(module=self, debug=False, write_tables=False, start="jsonpath", errorlog=logger)
+        self._lock = threading.Lock()
+
+    def parse_token_stream(self, token_iterator, start_symbol="jsonpath"):
+        with self._lock:
+            return self._yacc.parse(lexer=IteratorToTokenStream(token_iterator))
 
     def p_error(self, t):
         if t is None:
             raise JsonPathError("unexpected end of expression")
         raise JsonPathError(f"unexpected {t.value!r} at position {t.lexpos}")
+
+
+@functools.cache
+def _parser() -> _Parser:
+    return _Parser()
 
 
 class _SafeIndex(rw.Index):
@@ -210,7 +249,7 @@ def compile_path(text: str) -> JsonPath:
     if not isinstance(text, str) or not text.strip():
         raise JsonPathError("empty JSONPath expression")
     try:
-        expr = _Parser().parse(text)
+        expr = _parser().parse(text)
         _guard(expr)
     except Exception as exc:  # ours, or jsonpath-rw's bare Exception for lexer/parser errors
         raise JsonPathError(f"invalid JSONPath {text!r}: {exc}") from None

@@ -689,3 +689,17 @@ def _parent(doc: Any, steps: tuple[str | int, ...]) -> Any:
     for step in steps[:-1]:
         doc = doc[step]
     return doc
+
+
+def test_paths_compiled_from_several_threads_at_once_are_each_their_own():
+    # One parser serves every compile (its tables are built once); parses take turns.
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [f"$.page{i}['key {i}'][{i % 7}].id" for i in range(400)] + [f"$.a{i}[*].b" for i in range(100)]
+    with ThreadPoolExecutor(8) as pool:
+        compiled = list(pool.map(compile_path, texts))
+    for i, path in enumerate(compiled[:400]):
+        assert path.steps == (f"page{i}", f"key {i}", i % 7, "id")
+    assert all(path.steps is None and path.text == text for path, text in zip(compiled[400:], texts[400:], strict=True))
+    with pytest.raises(JsonPathError, match="unexpected end"):
+        compile_path("$.a[")
