@@ -461,6 +461,24 @@ async def test_run_events_come_back_as_their_envelopes_in_order(store, other, co
     assert [(r.delivered, r.dead) for r in await other.consumed_runs()] == [(count, 0)]
 
 
+async def test_packed_inserts_are_split_into_statements_of_bounded_size(tmp_path, monkeypatch):
+    # SQLite refuses one value over 1e9 bytes: a large run goes in as several packed statements.
+    from syncd.store import sqlite
+
+    monkeypatch.setattr(sqlite, "_PACK_BYTES", 1_000)
+    monkeypatch.setattr(sqlite, "_PACK_ROWS", 100)
+    events = run_events("a", 700)
+    upserts = {f"k{i}": i.to_bytes(16, "big") for i in range(700)}
+    packed = await sqlite._packed_events(events)
+    assert len(packed) > 10 and sum(len(orjson.loads(part[0])) for part in packed) == 700
+    assert all(len(part[4]) <= 1_000 for part in packed)
+    async with await sqlite.SqliteStore.open(tmp_path / "s.db") as store:
+        await store.commit_run(Commit(run_record("a", "r1"), "shape", b"h", upserts=upserts, record_count=700,
+                                      run_events=events, expected_generation=0, replace_all=True))
+        assert [e.envelope() for e in await store.outbox("a")] == events.envelopes()
+        assert await store.fingerprints(await store.sync_state("a")) == upserts
+
+
 async def test_run_events_that_cannot_be_packed_are_stored_row_by_row(store):
     events = run_events("a", 300)
     events.changed_fields = [None] * 300

@@ -6,6 +6,7 @@ events or not at all (and then found again by the next run).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import fcntl
 import itertools
 import os
@@ -243,8 +244,30 @@ def _json_array(values: list[str]) -> str | None:
         return None
 
 
-async def _packed_fingerprints(upserts: dict[str, bytes]) -> tuple | None:
-    """(record ids as JSON, fingerprints concatenated) for _INSERT_FINGERPRINTS, or None: row by row."""
+#: One packed statement's eventData at most: SQLite refuses a value over 1e9 bytes
+#: (SQLITE_MAX_LENGTH), and a 1M-record initial run's eventData alone is ~320 MB.
+_PACK_BYTES = 64 << 20
+#: One packed statement's fingerprints at most (16 bytes each, plus the ids' JSON).
+_PACK_ROWS = 1 << 20
+
+
+def _slices(lengths: list[int], limit: int) -> list[tuple[int, int]]:
+    """[start, end) slices of consecutive items whose lengths add up to at most `limit` (an item
+    longer than that alone), at most _PACK_ROWS items each."""
+    ends = list(itertools.accumulate(lengths))
+    out, start = [], 0
+    while start < len(lengths):
+        base = ends[start - 1] if start else 0
+        end = max(start + 1, bisect.bisect_right(ends, base + limit, lo=start))
+        end = min(end, start + _PACK_ROWS)
+        out.append((start, end))
+        start = end
+    return out
+
+
+async def _packed_fingerprints(upserts: dict[str, bytes]) -> list[tuple] | None:
+    """Parameters of _INSERT_FINGERPRINTS (record ids as JSON, fingerprints concatenated), one
+    tuple per statement, or None: row by row."""
     if len(upserts) < _PACK_OVER:
         return None
 
@@ -252,28 +275,44 @@ async def _packed_fingerprints(upserts: dict[str, bytes]) -> tuple | None:
         fingerprints = list(upserts.values())
         if set(map(len, fingerprints)) != {16}:
             return None
-        ids = _json_array(list(upserts))
-        return None if ids is None else (ids, b"".join(fingerprints))
+        ids = list(upserts)
+        out = []
+        for start, end in _slices([1] * len(ids), _PACK_ROWS):
+            text = _json_array(ids[start:end])
+            if text is None:
+                return None
+            out.append((text, b"".join(fingerprints[start:end])))
+        return out
 
     return await asyncio.to_thread(pack)  # ~20 ms at 100k: not on the event loop
 
 
-async def _packed_events(events: RunEvents) -> tuple | None:
-    """The parameters of _INSERT_EVENTS, or None when `events` need inserting row by row."""
+async def _packed_events(events: RunEvents) -> list[tuple] | None:
+    """Parameters of _INSERT_EVENTS, one tuple per statement (in order), or None when `events`
+    need inserting row by row."""
     if events.changed_fields is not None or any(t not in _TYPE_CODES for t in set(events.types)):
         return None
 
     def pack():
         id_lengths = set(map(len, events.event_ids))
-        ids = _json_array(events.record_ids)
-        if len(id_lengths) != 1 or ids is None:
+        if len(id_lengths) != 1:
             return None
+        id_length = id_lengths.pop()
+        run = (events.sync_id, events.webhook_url, events.created_at, events.run_id, events.sync_type,
+               events.sync_run_id)
         lengths = list(map(len, events.data))
-        spans = b"".join(b"%013d%010d" % span for span in zip(itertools.accumulate(lengths, initial=1), lengths, strict=False))
-        codes = "".join(map(_TYPE_CODES.__getitem__, events.types)).encode()
-        return (ids, "".join(events.event_ids).encode(), id_lengths.pop(), codes, b"".join(events.data), spans,
-                events.sync_id, events.webhook_url, events.created_at, events.run_id, events.sync_type,
-                events.sync_run_id)
+        out = []
+        for start, end in _slices(lengths, _PACK_BYTES):
+            ids = _json_array(events.record_ids[start:end])
+            if ids is None:
+                return None
+            part = lengths[start:end]
+            spans = b"".join(b"%013d%010d" % span
+                             for span in zip(itertools.accumulate(part, initial=1), part, strict=False))
+            codes = "".join(map(_TYPE_CODES.__getitem__, events.types[start:end])).encode()
+            out.append((ids, "".join(events.event_ids[start:end]).encode(), id_length, codes,
+                        b"".join(events.data[start:end]), spans, *run))
+        return out
 
     return await asyncio.to_thread(pack)
 
@@ -502,7 +541,8 @@ class SqliteStore:
             if commit.upserts:
                 packed = await _packed_fingerprints(commit.upserts) if commit.bodies is None else None
                 if packed is not None:
-                    await conn.execute(_INSERT_FINGERPRINTS, (sid, *packed))
+                    for part in packed:
+                        await conn.execute(_INSERT_FINGERPRINTS, (sid, *part))
                 elif commit.bodies is None:
                     await conn.executemany(
                         "INSERT OR REPLACE INTO records (sync_id, record_id, fingerprint) VALUES (?, ?, ?)",
@@ -600,7 +640,8 @@ class SqliteStore:
             return
         packed = await _packed_events(events) if len(events) >= _PACK_OVER else None
         if packed is not None:
-            await conn.execute(_INSERT_EVENTS, packed)
+            for part in packed:
+                await conn.execute(_INSERT_EVENTS, part)
         else:
             await self._queue(conn, events.events())
 
