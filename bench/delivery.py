@@ -7,12 +7,13 @@ process, so it does not compete with the sender for the GIL. The machine's cores
 receiver, the sender's event loop and (for syncd) the SQLite worker thread all want CPU.
 
   baseline  C workers pull the N bodies from a list and POST them through one shared
-            ClientSession (same connector, same headers minus the signature headers). No SQLite.
+            aiohttp ClientSession (the connector and headers syncd delivered with before it had its
+            own client, minus the signature headers). No SQLite.
   syncd     N events (~400-byte envelopes, as syncd/engine.py builds them, distinct record ids)
             are committed to a fresh outbox (not timed); then a real `syncd.delivery.Deliverer`
             (concurrency C, whsec_ secret so every attempt is signed, timeout 30 s, the daemon's
-            Metrics) runs until every event is delivered and the outbox is committed empty, and is
-            stopped.
+            Metrics, the client from `syncd.http.webhook_session` as in the daemon) runs until
+            every event is delivered and the outbox is committed empty, and is stopped.
 
 They run alternately (baseline, syncd, baseline, syncd, ...; R rounds) after a short warm-up, and
 the medians are compared with issue 11's targets: syncd/baseline events/s at least TARGET_RATIO,
@@ -254,7 +255,8 @@ class Meter:
 
 
 def hook_session(concurrency: int) -> aiohttp.ClientSession:
-    """The session syncd's daemon delivers through (syncd/daemon.py), used by both sides."""
+    """The baseline's session: the one syncd's daemon delivered through until it got its own client
+    (syncd/webhook_client.py). Kept as it was, so that figures stay comparable."""
     from syncd.http import USER_AGENT
 
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=0),
@@ -321,12 +323,13 @@ async def fill_outbox(path: Path, url: str, events: list[tuple[str, str, str, by
 async def deliver_all(store, concurrency: int, n: int, *, profile: cProfile.Profile | None = None):
     """Run a Deliverer until all n events are delivered and committed; return the deliverer."""
     from syncd.delivery import Deliverer, Target
+    from syncd.http import webhook_session
     from syncd.metrics import Metrics
 
     target = Target(None, SECRET)
     metrics = Metrics()  # as in the daemon: a duration per attempt, counters per batch of outcomes
     metrics.add_sync(SYNC_ID)
-    async with hook_session(concurrency) as session:
+    async with webhook_session(concurrency) as session:  # what the daemon delivers through
         deliverer = Deliverer(store, session, concurrency=concurrency, timeout=TIMEOUT, schedule=[1.0, 5.0, 30.0],
                               target=lambda sid: target, metrics=metrics)
         stop = asyncio.Event()
@@ -440,6 +443,7 @@ GROUPS = [  # (label, predicate on a pstats key (file, line, function)), first m
     ("syncd.delivery", lambda f, fn: "syncd/delivery" in f),
     ("syncd.store", lambda f, fn: "syncd/store" in f),
     ("aiosqlite (+ its queue hand-off)", lambda f, fn: "aiosqlite" in f or "SimpleQueue" in fn),
+    ("syncd.webhook_client + httptools", lambda f, fn: "syncd/webhook_client" in f or "httptools" in f),
     ("aiohttp", lambda f, fn: "aiohttp" in f or "multidict" in f or "yarl" in f),
     ("socket send/recv", lambda f, fn: "_socket.socket" in fn),
     ("epoll (idle wait)", lambda f, fn: "select.epoll" in fn),

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import structlog
-from multidict import CIMultiDict
 
 from syncd.events import LIFECYCLE_KEY, EventType, lifecycle
-from syncd.http import USER_AGENT, describe_error, error_snippet, parse_retry_after
+from syncd.http import USER_AGENT, describe_error, parse_retry_after
 from syncd.metrics import Metrics
 from syncd.signing import Signer, signer
 from syncd.store import OutboxEvent, PendingEvent, StateStore, StoreError
+from syncd.webhook_client import WebhookClient, WebhookError
 
 log = structlog.get_logger("syncd.delivery")
 
@@ -33,11 +33,10 @@ IDLE_RECHECK = 1.0  # seconds between outbox checks when idle (events written by
 ANNOUNCE_AFTER = 0.2  # seconds of outcomes gathered before looking for fully consumed runs
 BATCH = 256
 MAX_BATCH = 1024
-# aiohttp's own timeout costs a timer and several context-manager entries per request (about 7%
-# of a request's CPU here): attempts are timed out by one sweep instead, running every
-# TIMEOUT_SLACK x webhook_timeout (10 ms to 1 s), so an attempt ends at most that much late.
+# A timer per request costs CPU on every attempt: attempts are timed out by one sweep instead,
+# running every TIMEOUT_SLACK x webhook_timeout (10 ms to 1 s), so an attempt ends at most that
+# much late. Cancelling an attempt closes its connection (syncd.webhook_client).
 TIMEOUT_SLACK = 0.1
-NO_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=None, sock_read=None, sock_connect=None)
 # While attempts are in flight the writer waits this long (seconds) for more outcomes: fewer,
 # larger transactions. A record's next event waits for the commit, so it is sent this much later.
 WRITE_LINGER = 0.005
@@ -56,9 +55,8 @@ class Target:
 
 @dataclass(slots=True)
 class _Route:
-    """What every attempt to one (url, secret) reuses: the fixed headers and the signer."""
+    """What every attempt to one (url, secret) reuses: the signer (the client keeps the fixed headers)."""
 
-    headers: CIMultiDict[str]
     signer: Signer | None
 
 
@@ -84,9 +82,13 @@ def next_delay(attempts: int, schedule: list[float], retry_after: float | None, 
 
 
 class Deliverer:
-    """Delivers the outbox until `stop` is set. Embeddable: `await Deliverer(...).run(stop)`."""
+    """Delivers the outbox until `stop` is set. Embeddable: `await Deliverer(...).run(stop)`.
 
-    def __init__(self, store: StateStore, session: aiohttp.ClientSession, *, concurrency: int, timeout: float,
+    `session` is the client from `syncd.http.webhook_session()`, closed by the caller. An
+    aiohttp.ClientSession is accepted too (embedders from before the client): it is not used, a
+    client of this deliverer's own posts the webhooks and is closed when `run` returns."""
+
+    def __init__(self, store: StateStore, session: WebhookClient | aiohttp.ClientSession, *, concurrency: int, timeout: float,
                  schedule: list[float], target: Callable[[str], Target], metrics: Metrics | None = None,
                  drain_timeout: float = 10.0) -> None:
         self.store = store
@@ -129,6 +131,16 @@ class Deliverer:
         self.failed_attempts = 0
 
     async def run(self, stop: asyncio.Event) -> None:
+        own = None
+        if not isinstance(self.session, WebhookClient):
+            own = self.session = WebhookClient(self.concurrency, user_agent=USER_AGENT)
+        try:
+            await self._run(stop)
+        finally:
+            if own is not None:
+                await own.close()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         writer = asyncio.create_task(self._writer(), name="delivery-writer")
         workers = [asyncio.create_task(self._worker(), name=f"delivery-{i}") for i in range(self.concurrency)]
         stopper = asyncio.create_task(self._on_stop(stop), name="delivery-stop")
@@ -347,34 +359,30 @@ class Deliverer:
         if route is None:
             if len(self._routes) >= ROUTES_KEPT:
                 self._routes.clear()  # URLs or secrets changed many times over
-            headers = CIMultiDict({"Content-Type": "application/json", "User-Agent": USER_AGENT})
-            route = self._routes[url, secret] = _Route(headers, signer(secret) if secret else None)
+            route = self._routes[url, secret] = _Route(signer(secret) if secret else None)
         return route
 
     async def _post(self, event: PendingEvent) -> Outcome:
         target = self.target(event.sync_id)
         url = target.url or event.webhook_url
         route = self._route(url, target.secret)
-        headers = route.headers
-        if route.signer is not None:
-            headers = headers.copy()
-            headers.extend(route.signer.headers(event.event_id, int(time.time()), event.body))
+        signing = route.signer
+        headers = signing.headers(event.event_id, int(time.time()), event.body) if signing is not None else None
         try:
-            async with self.session.post(url, data=event.body, headers=headers, allow_redirects=False,
-                                         timeout=NO_TIMEOUT) as resp:
-                status = resp.status
-                if 200 <= status < 300:
-                    return Outcome(event, True, status)
-                detail = await error_snippet(resp)
-                retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time()) if status in (429, 503) else None
-                if 300 <= status < 400:
-                    where = resp.headers.get("Location", "")
-                    error = f"HTTP {status} redirect to {where!r} (redirects are not followed; fix webhook_url)"
-                else:
-                    error = f"HTTP {status}{detail}"
-                return Outcome(event, False, status, error, retry_after, gone=status == 410)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return Outcome(event, False, None, describe_error(exc, self.timeout, "webhook_timeout"))
+            resp = await self.session.post(url, event.body, headers)
+        except WebhookError as exc:
+            return Outcome(event, False, None, str(exc))
+        status = resp.status
+        if 200 <= status < 300:
+            return Outcome(event, True, status)
+        retry_after = parse_retry_after(resp.retry_after, time.time()) if status in (429, 503) else None
+        if 300 <= status < 400:
+            where = resp.location or ""
+            error = f"HTTP {status} redirect to {where!r} (redirects are not followed; fix webhook_url)"
+        else:
+            text = " ".join(resp.snippet.decode("utf-8", "replace").split())
+            error = f"HTTP {status}: {text}" if text else f"HTTP {status}"
+        return Outcome(event, False, status, error, retry_after, gone=status == 410)
 
     async def _writer(self) -> None:
         """Persist outcomes in batches: one transaction for everything that finished meanwhile.

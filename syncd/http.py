@@ -11,6 +11,7 @@ from email.utils import parsedate_to_datetime
 import aiohttp
 
 from syncd import __version__
+from syncd.webhook_client import WebhookClient
 
 USER_AGENT = f"syncd/{__version__}"
 
@@ -24,12 +25,10 @@ def poll_session(**kwargs) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, headers={"User-Agent": USER_AGENT}, **kwargs)
 
 
-def webhook_session(concurrency: int) -> aiohttp.ClientSession:
-    """The session that delivers webhooks: as many connections as deliveries in flight."""
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=concurrency, limit_per_host=0),
-        headers={"User-Agent": USER_AGENT},
-    )
+def webhook_session(concurrency: int) -> WebhookClient:
+    """The client that delivers webhooks (not aiohttp: see syncd.webhook_client), keeping as many
+    connections as deliveries in flight. Close it with `await client.close()`."""
+    return WebhookClient(concurrency, user_agent=USER_AGENT)
 
 
 def describe_error(exc: BaseException, timeout: float | None, timeout_name: str = "the timeout") -> str:
