@@ -17,11 +17,10 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import aiohttp
 import structlog
 
 from syncd.events import LIFECYCLE_KEY, EventType, lifecycle
-from syncd.http import USER_AGENT, describe_error, parse_retry_after
+from syncd.http import describe_error, parse_retry_after
 from syncd.metrics import Metrics
 from syncd.signing import Signer, signer
 from syncd.store import OutboxEvent, PendingEvent, StateStore, StoreError
@@ -84,11 +83,9 @@ def next_delay(attempts: int, schedule: list[float], retry_after: float | None, 
 class Deliverer:
     """Delivers the outbox until `stop` is set. Embeddable: `await Deliverer(...).run(stop)`.
 
-    `session` is the client from `syncd.http.webhook_session()`, closed by the caller. An
-    aiohttp.ClientSession is accepted too (embedders from before the client): it is not used, a
-    client of this deliverer's own posts the webhooks and is closed when `run` returns."""
+    `session` is the client from `syncd.http.webhook_session()`, closed by the caller."""
 
-    def __init__(self, store: StateStore, session: WebhookClient | aiohttp.ClientSession, *, concurrency: int, timeout: float,
+    def __init__(self, store: StateStore, session: WebhookClient, *, concurrency: int, timeout: float,
                  schedule: list[float], target: Callable[[str], Target], metrics: Metrics | None = None,
                  drain_timeout: float = 10.0) -> None:
         self.store = store
@@ -131,16 +128,6 @@ class Deliverer:
         self.failed_attempts = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        own = None
-        if not isinstance(self.session, WebhookClient):
-            own = self.session = WebhookClient(self.concurrency, user_agent=USER_AGENT)
-        try:
-            await self._run(stop)
-        finally:
-            if own is not None:
-                await own.close()
-
-    async def _run(self, stop: asyncio.Event) -> None:
         writer = asyncio.create_task(self._writer(), name="delivery-writer")
         workers = [asyncio.create_task(self._worker(), name=f"delivery-{i}") for i in range(self.concurrency)]
         stopper = asyncio.create_task(self._on_stop(stop), name="delivery-stop")

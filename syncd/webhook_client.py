@@ -83,6 +83,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future | None = None  # set while a request is out
+        self.active = False  # a request is out and its response is not complete yet
         self.closed = False  # peer closed, connection lost, or we closed it
         self.reusable = False  # the last response was complete and the peer keeps the connection open
         self.idle_since = 0.0
@@ -105,8 +106,7 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        waiter = self.waiter
-        if waiter is None or waiter.done():
+        if not self.active:
             # Bytes nobody asked for (idle, or after the response): the connection's state is unknown.
             self.reusable = False
             self.close()
@@ -152,6 +152,10 @@ class _Connection(asyncio.Protocol):
             return
         self.status = self.parser.get_status_code()
         self.headers_done = True
+        if 200 <= self.status < 300:
+            # Accepted: that is the outcome, whatever happens to the body. The rest of the response
+            # is read on (the connection is reused if it completes by the time the caller resumes).
+            self._answer()
 
     def on_body(self, body: bytes) -> None:
         if self.complete or self.status < 200:
@@ -173,14 +177,22 @@ class _Connection(asyncio.Protocol):
 
     # -- the request's side --
 
-    def _end(self, keep: bool) -> None:
+    def _answer(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
-            self.complete = True
-            self.reusable = keep and not self.closed
             waiter.set_result(None)
 
+    def _end(self, keep: bool) -> None:
+        if self.active:
+            self.active = False
+            self.complete = True
+            self.reusable = keep and not self.closed
+            if not keep:
+                self.close()
+            self._answer()
+
     def _fail(self, message: str) -> None:
+        self.active = False
         self.reusable = False
         waiter = self.waiter
         if waiter is not None and not waiter.done():
@@ -190,8 +202,11 @@ class _Connection(asyncio.Protocol):
     def _lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.reusable = False
+        if not self.active:
+            return
         waiter = self.waiter
-        if waiter is None or waiter.done():
+        if waiter is None or waiter.done():  # answered already (a 2xx): its body is cut short, no matter
+            self.active = False
             return
         if self.headers_done and self.status >= 200:
             # The status is known: that is the outcome (a close-delimited body ends here, and a body
@@ -276,6 +291,7 @@ class WebhookClient:
         conn._reset()
         conn.received = 0
         conn.reusable = False
+        conn.active = True
         try:
             conn.transport.write(b"%s%d\r\n%s\r\n%s" % (route.head, len(body), extra, body))
             await waiter
@@ -284,7 +300,8 @@ class WebhookClient:
             raise
         conn.waiter = None
         response = Response(conn.status, conn.retry_after, conn.location, conn.snippet)
-        if conn.reusable and not self._closed and len(self._open) <= self.limit:
+        # A 2xx answers at its headers; a body still arriving now would take a wait: close instead.
+        if conn.complete and conn.reusable and not self._closed and len(self._open) <= self.limit:
             conn.idle_since = loop.time()
             self._idle.setdefault(route.key, []).append(conn)
             if self._sweeper is None:

@@ -7,7 +7,6 @@ import base64
 import hashlib
 import hmac
 import random
-import sys
 import time
 
 import orjson
@@ -373,14 +372,3 @@ async def test_outcomes_that_cannot_be_recorded_are_kept_not_resent(upstream, re
             await asyncio.sleep(0.05)
         assert await rig.outbox() == []
     assert len(receiver.received) == 5
-
-
-async def test_a_deliverer_given_an_aiohttp_session_still_delivers(upstream, receiver, conf_dir, state_path, monkeypatch):
-    """Embedders from before syncd had its own webhook client pass a ClientSession: still works."""
-    import aiohttp
-
-    monkeypatch.setattr(sys.modules[__name__], "webhook_session", lambda concurrency: aiohttp.ClientSession())
-    async with Rig(upstream, receiver, conf_dir, state_path) as rig:
-        await rig.poll([{"id": 1}, {"id": 2}])
-        await wait_for(lambda: len(receiver.delivered()) == 2)
-    assert receiver.received[0]["headers"]["User-Agent"].startswith("syncd/")
