@@ -12,6 +12,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -175,6 +176,9 @@ def _plan(snap: diff.Snapshot, old: dict[str, bytes], pending: dict[str, int], i
                          confirm_after=confirm_after)
 
 
+_TYPE_OF, _RECORD_ID_OF, _RECORD_OF = attrgetter("type"), attrgetter("record_id"), attrgetter("record")
+
+
 def _build(sync: Sync, snap: diff.Snapshot, plan: diff.Plan, run_id: str, sync_type: str, send_records: bool,
            old_bodies: dict[str, bytes], keep: bool, body_dict: bytes | None) -> _Analysis:
     """The run's outbox events (the types the sync sends), counts and, with keep_records, the
@@ -184,10 +188,10 @@ def _build(sync: Sync, snap: diff.Snapshot, plan: diff.Plan, run_id: str, sync_t
         wanted = set(spec.events) if send_records else set()
         tally = EventType.ALL_CONSUMED in spec.events
         run_key = run_id if tally else None
-        counts = {EventType.NEW: 0, EventType.MODIFIED: 0, EventType.DELETED: 0}
-        for change in plan.changes:
-            counts[change.type] += 1
-        sent = [change for change in plan.changes if change.type in wanted]
+        all_types = list(map(_TYPE_OF, plan.changes))
+        counts = {kind: all_types.count(kind) for kind in (EventType.NEW, EventType.MODIFIED, EventType.DELETED)}
+        sent = plan.changes if all(counts[kind] == 0 or kind in wanted for kind in counts) else \
+            [change for change in plan.changes if change.type in wanted]
         now = time.time()
         webhook_url, sid = spec.webhook_url, sync.id
         ignore = list(sync.ignore_paths)
@@ -196,27 +200,31 @@ def _build(sync: Sync, snap: diff.Snapshot, plan: diff.Plan, run_id: str, sync_t
         DELETED, NEW = EventType.DELETED, EventType.NEW
         # Stored as eventData plus the run's constants: envelopes are rendered when read back.
         events = RunEvents(sid, webhook_url, now, sync_type, run_id, run_key, new_ids("evt", len(sent)),
-                           [change.record_id for change in sent], [change.type for change in sent])
-        add = events.data.append
+                           list(map(_RECORD_ID_OF, sent)), all_types if sent is plan.changes else list(map(_TYPE_OF, sent)))
         changed: list[bytes | None] = []
-        for change in sent:
-            kind, record_id, fields = change.type, change.record_id, None
-            if kind == DELETED:
-                before = old_bodies.get(record_id) if keep else None
-                add(before if before is not None else b"null")
-            else:
-                add(record_json(change.record, exact_possible, exact))
-                if keep and kind != NEW:
-                    before = old_bodies.get(record_id)
-                    if before is not None:
-                        # changedFields never names an ignored path: both sides are compared without them.
-                        old_record = orjson.loads(before)
-                        new_record = record_value(change.record, exact_possible)
-                        if ignore:
-                            old_record, new_record = without(old_record, ignore), without(new_record, ignore)
-                        fields = orjson.dumps(diff.changed_fields(old_record, new_record))
-            if keep:
-                changed.append(fields)
+        if not keep and DELETED not in events.types:
+            # Every event's data is its record's JSON: one comprehension, no per-event branches.
+            events.data = [record_json(record, exact_possible, exact) for record in map(_RECORD_OF, sent)]
+        else:
+            add = events.data.append
+            for change in sent:
+                kind, record_id, fields = change.type, change.record_id, None
+                if kind == DELETED:
+                    before = old_bodies.get(record_id) if keep else None
+                    add(before if before is not None else b"null")
+                else:
+                    add(record_json(change.record, exact_possible, exact))
+                    if keep and kind != NEW:
+                        before = old_bodies.get(record_id)
+                        if before is not None:
+                            # changedFields never names an ignored path: both sides are compared without them.
+                            old_record = orjson.loads(before)
+                            new_record = record_value(change.record, exact_possible)
+                            if ignore:
+                                old_record, new_record = without(old_record, ignore), without(new_record, ignore)
+                            fields = orjson.dumps(diff.changed_fields(old_record, new_record))
+                if keep:
+                    changed.append(fields)
         if any(fields is not None for fields in changed):
             events.changed_fields = changed
         bodies, new_dict = None, None
