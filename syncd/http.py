@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from syncd import __version__
-from syncd.webhook_client import WebhookClient
+
+if TYPE_CHECKING:
+    from syncd.webhook_client import WebhookClient
 
 USER_AGENT = f"syncd/{__version__}"
 
@@ -28,6 +31,8 @@ def poll_session(**kwargs) -> aiohttp.ClientSession:
 def webhook_session(concurrency: int) -> WebhookClient:
     """The client that delivers webhooks (not aiohttp: see syncd.webhook_client), keeping as many
     connections as deliveries in flight. Close it with `await client.close()`."""
+    from syncd.webhook_client import WebhookClient  # not imported by `syncd once`, which only polls
+
     return WebhookClient(concurrency, user_agent=USER_AGENT)
 
 
