@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import structlog
 
 from syncd.events import LIFECYCLE_KEY, EventType, lifecycle
-from syncd.http import describe_error, parse_retry_after
+from syncd.http import describe_error, parse_retry_after, snippet_text
 from syncd.metrics import Metrics
-from syncd.signing import Signer, signer
+from syncd.signing import signer
 from syncd.store import OutboxEvent, PendingEvent, StateStore, StoreError
 from syncd.webhook_client import WebhookClient, WebhookError
 
@@ -39,7 +39,6 @@ TIMEOUT_SLACK = 0.1
 # While attempts are in flight the writer waits this long (seconds) for more outcomes: fewer,
 # larger transactions. A record's next event waits for the commit, so it is sent this much later.
 WRITE_LINGER = 0.005
-ROUTES_KEPT = 1024  # (url, secret) pairs whose headers are kept ready
 SYNC_LIST_REFRESH = 0.5  # seconds between looks at which syncs have due events
 MAX_SYNCS_PER_REFILL = 32
 
@@ -50,13 +49,6 @@ class Target:
 
     url: str | None  # None: use the URL stored with the event
     secret: str | None = field(repr=False)
-
-
-@dataclass(slots=True)
-class _Route:
-    """What every attempt to one (url, secret) reuses: the signer (the client keeps the fixed headers)."""
-
-    signer: Signer | None
 
 
 @dataclass(slots=True)
@@ -106,7 +98,6 @@ class Deliverer:
         self._turn = 0  # round-robin offset over syncs
         self._store_failing = False
         self._ready: deque[PendingEvent] = deque()  # claimed, waiting for a worker
-        self._routes: dict[tuple[str, str | None], _Route] = {}
         self._deadlines: dict[asyncio.Task, float] = {}  # worker -> when its attempt times out (monotonic)
         self._expired: set[asyncio.Task] = set()  # workers cancelled by the sweep for their timeout
         self._outcomes: list[Outcome] = []  # attempts finished, not yet handed to the writer
@@ -341,20 +332,11 @@ class Deliverer:
                     expired.add(task)
                     task.cancel()
 
-    def _route(self, url: str, secret: str | None) -> _Route:
-        route = self._routes.get((url, secret))
-        if route is None:
-            if len(self._routes) >= ROUTES_KEPT:
-                self._routes.clear()  # URLs or secrets changed many times over
-            route = self._routes[url, secret] = _Route(signer(secret) if secret else None)
-        return route
-
     async def _post(self, event: PendingEvent) -> Outcome:
         target = self.target(event.sync_id)
         url = target.url or event.webhook_url
-        route = self._route(url, target.secret)
-        signing = route.signer
-        headers = signing.headers(event.event_id, int(time.time()), event.body) if signing is not None else None
+        # signer() is cached per secret: a changed secret takes effect on the next attempt.
+        headers = signer(target.secret).headers(event.event_id, int(time.time()), event.body) if target.secret else None
         try:
             resp = await self.session.post(url, event.body, headers)
         except WebhookError as exc:
@@ -367,8 +349,7 @@ class Deliverer:
             where = resp.location or ""
             error = f"HTTP {status} redirect to {where!r} (redirects are not followed; fix webhook_url)"
         else:
-            text = " ".join(resp.snippet.decode("utf-8", "replace").split())
-            error = f"HTTP {status}: {text}" if text else f"HTTP {status}"
+            error = f"HTTP {status}{snippet_text(resp.snippet)}"
         return Outcome(event, False, status, error, retry_after, gone=status == 410)
 
     async def _writer(self) -> None:

@@ -48,10 +48,14 @@ def describe_error(exc: BaseException, timeout: float | None, timeout_name: str 
 async def error_snippet(resp: aiohttp.ClientResponse) -> str:
     """The start of an error body, which often says why (`{"error":"invalid token"}`)."""
     try:
-        text = (await resp.content.read(200)).decode("utf-8", "replace")
+        return snippet_text(await resp.content.read(200))
     except (TimeoutError, aiohttp.ClientError):
         return ""
-    text = " ".join(text.split())
+
+
+def snippet_text(data: bytes) -> str:
+    """`: <the bytes as one line of text>` to append to an error, or "" for an empty body."""
+    text = " ".join(data.decode("utf-8", "replace").split())
     return f": {text}" if text else ""
 
 
