@@ -139,11 +139,18 @@ class OutboxEvent:
 
     def envelope(self) -> bytes:
         """The webhook body."""
-        if self.sync_run_id is None:
-            return self.body
-        return render_stored(self.event_id, self.event_type, self.record_id, self.body, sync_type=self.sync_type,
-                             sync_id=self.sync_id, run_id=self.sync_run_id, created_at=self.created_at,
-                             fields_json=self.changed_fields)
+        return stored_body(self.event_id, self.sync_id, self.record_id, self.event_type, self.created_at, self.body,
+                           self.sync_type, self.sync_run_id, self.changed_fields)
+
+
+def stored_body(event_id: str, sync_id: str, record_id: str, event_type: str, created_at: float, body: bytes,
+                sync_type: str | None, sync_run_id: str | None, changed_fields: bytes | None) -> bytes:
+    """The webhook body of an event kept as OutboxEvent's fields: `body` itself, or (sync_run_id
+    set) the envelope rendered around it."""
+    if sync_run_id is None:
+        return body
+    return render_stored(event_id, event_type, record_id, body, sync_type=sync_type, sync_id=sync_id,
+                         run_id=sync_run_id, created_at=created_at, fields_json=changed_fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,9 +219,7 @@ def pending_event(seq: int, event_id: str, sync_id: str, record_id: str, event_t
                   body: bytes, attempts: int, created_at: float, sync_type: str | None, sync_run_id: str | None,
                   changed_fields: bytes | None) -> PendingEvent:
     """A PendingEvent from an outbox row stored as its parts (see OutboxEvent), its body rendered."""
-    if sync_run_id is not None:
-        body = render_stored(event_id, event_type, record_id, body, sync_type=sync_type, sync_id=sync_id,
-                             run_id=sync_run_id, created_at=created_at, fields_json=changed_fields)
+    body = stored_body(event_id, sync_id, record_id, event_type, created_at, body, sync_type, sync_run_id, changed_fields)
     return PendingEvent(seq, event_id, sync_id, record_id, event_type, webhook_url, body, attempts, created_at)
 
 
