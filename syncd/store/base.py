@@ -385,6 +385,23 @@ def default_instance_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+#: Tallied runs whose events are all delivered or dead, not announced yet (both backends; no
+#: parameters). Rows: run_id, sync_id, sync_type, webhook_url, total, dead letters.
+CONSUMED_RUNS_SQL = """
+    SELECT t.run_id, t.sync_id, t.sync_type, t.webhook_url, t.total,
+           t.dead_purged + (SELECT count(*) FROM outbox o WHERE o.run_id = t.run_id AND o.dead_at IS NOT NULL)
+    FROM run_tallies t
+    WHERE t.emitted_at IS NULL
+      AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = t.run_id AND o.dead_at IS NULL)
+"""
+
+
+def consumed_runs_of(rows) -> list[ConsumedRun]:
+    """CONSUMED_RUNS_SQL's rows as ConsumedRuns."""
+    return [ConsumedRun(run_id, sync_id, sync_type, url, total - dead, dead)
+            for run_id, sync_id, sync_type, url, total, dead in rows]
+
+
 def record_event_counts(events: list[OutboxEvent], run_events: RunEvents | None = None) -> tuple[int, int, int]:
     """How many record.new, record.modified and record.deleted events are in `events` and `run_events`."""
     counts = {"record.new": 0, "record.modified": 0, "record.deleted": 0}

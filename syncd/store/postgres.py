@@ -33,6 +33,7 @@ import orjson
 import structlog
 
 from syncd.store.base import (
+    CONSUMED_RUNS_SQL,
     RUNS_KEPT,
     Commit,
     ConsumedRun,
@@ -48,6 +49,7 @@ from syncd.store.base import (
     StateConflict,
     StoreError,
     SyncState,
+    consumed_runs_of,
     decompress_body,
     default_instance_id,
     dump_validators,
@@ -824,16 +826,7 @@ class PostgresStore:
             self._claim_lapse.pop(seq, None)
 
     async def consumed_runs(self) -> list[ConsumedRun]:
-        rows = await self._pool.fetch(
-            """
-            SELECT t.run_id, t.sync_id, t.sync_type, t.webhook_url, t.total,
-                   t.dead_purged + (SELECT count(*) FROM outbox o WHERE o.run_id = t.run_id AND o.dead_at IS NOT NULL)
-            FROM run_tallies t
-            WHERE t.emitted_at IS NULL
-              AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = t.run_id AND o.dead_at IS NULL)
-            """)
-        return [ConsumedRun(run_id, sync_id, sync_type, url, total - dead, dead)
-                for run_id, sync_id, sync_type, url, total, dead in rows]
+        return consumed_runs_of(await self._pool.fetch(CONSUMED_RUNS_SQL))
 
     async def announce_consumed(self, events: list[OutboxEvent], run_ids: list[str], now: float) -> None:
         """Queue the allConsumed events of runs nobody announced yet: with several instances the

@@ -19,6 +19,7 @@ import aiosqlite
 import orjson
 
 from syncd.store.base import (
+    CONSUMED_RUNS_SQL,
     RUNS_KEPT,
     Commit,
     ConsumedRun,
@@ -33,6 +34,7 @@ from syncd.store.base import (
     StateConflict,
     StoreError,
     SyncState,
+    consumed_runs_of,
     decompress_body,
     dump_validators,
     load_validators,
@@ -693,16 +695,7 @@ class SqliteStore:
 
     async def consumed_runs(self) -> list[ConsumedRun]:
         """Tallied runs whose events are all delivered or dead, not announced yet."""
-        rows = await self._conn.execute_fetchall(
-            """
-            SELECT t.run_id, t.sync_id, t.sync_type, t.webhook_url, t.total,
-                   t.dead_purged + (SELECT count(*) FROM outbox o WHERE o.run_id = t.run_id AND o.dead_at IS NOT NULL)
-            FROM run_tallies t
-            WHERE t.emitted_at IS NULL
-              AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = t.run_id AND o.dead_at IS NULL)
-            """)
-        return [ConsumedRun(run_id, sync_id, sync_type, url, total - dead, dead)
-                for run_id, sync_id, sync_type, url, total, dead in rows]
+        return consumed_runs_of(await self._conn.execute_fetchall(CONSUMED_RUNS_SQL))
 
     async def announce_consumed(self, events: list[OutboxEvent], run_ids: list[str], now: float) -> None:
         """Queue the allConsumed events of these runs and mark them announced, atomically."""
