@@ -402,6 +402,12 @@ def consumed_runs_of(rows) -> list[ConsumedRun]:
             for run_id, sync_id, sync_type, url, total, dead in rows]
 
 
+def tallied_events(events: list[OutboxEvent], run_events: RunEvents | None = None) -> int:
+    """How many of a run's queued events count towards its sync.events.allConsumed tally."""
+    total = sum(1 for e in events if e.run_id is not None)
+    return total + len(run_events) if run_events is not None and run_events.run_id is not None else total
+
+
 def record_event_counts(events: list[OutboxEvent], run_events: RunEvents | None = None) -> tuple[int, int, int]:
     """How many record.new, record.modified and record.deleted events are in `events` and `run_events`."""
     counts = {"record.new": 0, "record.modified": 0, "record.deleted": 0}

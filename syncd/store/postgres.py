@@ -56,6 +56,7 @@ from syncd.store.base import (
     load_validators,
     neutral_errors,
     record_event_counts,
+    tallied_events,
 )
 
 log = structlog.get_logger("syncd.store")
@@ -949,9 +950,7 @@ async def _queue(conn: asyncpg.Connection, events: list[OutboxEvent], run_events
 
 async def _open_tally(conn: asyncpg.Connection, run: RunRecord, tally: tuple[str, str | None],
                       events: list[OutboxEvent], run_events: RunEvents | None = None) -> None:
-    total = sum(1 for e in events if e.run_id is not None)
-    if run_events is not None and run_events.run_id is not None:
-        total += len(run_events)
+    total = tallied_events(events, run_events)
     if total:
         await conn.execute("INSERT INTO run_tallies (run_id, sync_id, sync_type, webhook_url, total) "
                            "VALUES ($1, $2, $3, $4, $5)", run.run_id, run.sync_id, tally[1], tally[0], total)

@@ -41,6 +41,7 @@ from syncd.store.base import (
     neutral_errors,
     pending_event,
     record_event_counts,
+    tallied_events,
 )
 
 SCHEMA_VERSION = 4
@@ -646,9 +647,7 @@ class SqliteStore:
 
     async def _open_tally(self, conn: aiosqlite.Connection, run: RunRecord, tally: tuple[str, str | None],
                           events: list[OutboxEvent], run_events: RunEvents | None = None) -> None:
-        total = sum(1 for e in events if e.run_id is not None)
-        if run_events is not None and run_events.run_id is not None:
-            total += len(run_events)
+        total = tallied_events(events, run_events)
         if total:
             await conn.execute("INSERT INTO run_tallies (run_id, sync_id, sync_type, webhook_url, total) VALUES (?, ?, ?, ?, ?)",
                                (run.run_id, run.sync_id, tally[1], tally[0], total))
