@@ -461,6 +461,31 @@ async def test_run_events_come_back_as_their_envelopes_in_order(store, other, co
     assert [(r.delivered, r.dead) for r in await other.consumed_runs()] == [(count, 0)]
 
 
+async def test_a_large_runs_events_take_seqs_in_order_past_every_seq_used(store):
+    # Delivered events leave the outbox; their seqs are never given again, and a packed run's
+    # events are numbered in the run's order, whatever order the database inserts them in.
+    async def queued() -> list:
+        claimed = await store.claim_due(time.time() + 1, 1000)
+        await store.release(claimed)
+        return sorted(claimed, key=lambda e: e.seq)
+
+    await commit(store, "a", upserts={}, events=[event("a", f"R{i}", 1) for i in range(3)])
+    used = [e.seq for e in await queued()]
+    await _settle(store, time.time() + 1, delivered=[f"evt_a_R{i}_1" for i in range(3)])
+    assert await store.outbox("a") == []
+    events = run_events("a", 700)
+    state = await store.sync_state("a")
+    await store.commit_run(Commit(run_record("a", "r1"), "shape", b"h", run_events=events,
+                                  events=[event("a", "L", 1, kind="sync.events.processed")],
+                                  expected_generation=state.generation))
+    stored = await queued()
+    assert [e.event_id for e in stored] == [*events.event_ids, "evt_a_L_1"]
+    seqs = [e.seq for e in stored]
+    assert len(set(seqs)) == 701 and seqs[0] > max(used)
+    await commit(store, "a", upserts={}, events=[event("a", "R0", 2)])
+    assert max(e.seq for e in await queued()) > seqs[-1]
+
+
 async def test_packed_inserts_are_split_into_statements_of_bounded_size(tmp_path, monkeypatch):
     # SQLite refuses one value over 1e9 bytes: a large run goes in as several packed statements.
     from syncd.store import sqlite
