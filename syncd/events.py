@@ -42,14 +42,15 @@ def new_id(prefix: str) -> str:
 
 
 def new_ids(prefix: str, count: int) -> list[str]:
-    """`count` ids like new_id's, in ascending order, the random bits of all of them from one
-    os.urandom call (one call per id cost 112 ms per 100k ids, one call for all 37 ms).
+    """`count` ids like new_id's, in ascending order: the milliseconds, 48 random bits shared by
+    the run, then a 32-bit counter from a random start below 2^31 (so it cannot wrap).
 
-    Ascending, because the outbox's unique index on eventId takes them in order: 100k ids sharing
-    one millisecond in random order made the outbox insert of an initial run ~30% slower."""
-    stamp = f"{prefix}_{int(time.time() * 1000):012x}"
-    random = os.urandom(10 * count).hex()
-    return sorted([stamp + random[i:i + 20] for i in range(0, 20 * count, 20)])
+    Ascending, because PostgreSQL's unique index on eventId takes them in order (100k ids in
+    random order made an initial run's insert ~30% slower); counted rather than sorted, because
+    sorting 100k random ids took as long as making them."""
+    head = f"{prefix.replace('%', '%%')}_{int(time.time() * 1000):012x}{os.urandom(6).hex()}%08x"
+    start = int.from_bytes(os.urandom(4), "big") >> 1
+    return list(map(head.__mod__, range(start, start + count)))
 
 
 class Envelopes:

@@ -166,7 +166,8 @@ def test_envelopes_rendered_from_parts_are_the_envelope_bytes():
             assert parts.render("evt_1", "record.modified", orjson.dumps(data), record_id, fields_json) == expected
 
 
-def test_event_ids_from_one_random_draw_are_unique_and_well_formed():
+def test_event_ids_of_a_run_are_unique_ascending_and_well_formed():
     ids = new_ids("evt", 10_000)
     assert len(set(ids)) == 10_000 and ids == sorted(ids) and new_ids("evt", 0) == []
+    assert not set(ids) & set(new_ids("evt", 10_000))  # another run in the same millisecond
     assert all(len(i) == 36 and i.startswith("evt_") and int(i[4:], 16) >= 0 for i in ids)
