@@ -12,7 +12,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from operator import attrgetter
+from itertools import compress
 from typing import Any
 
 import orjson
@@ -176,9 +176,6 @@ def _plan(snap: diff.Snapshot, old: dict[str, bytes], pending: dict[str, int], i
                          confirm_after=confirm_after)
 
 
-_TYPE_OF, _RECORD_ID_OF, _RECORD_OF = attrgetter("type"), attrgetter("record_id"), attrgetter("record")
-
-
 def _build(sync: Sync, snap: diff.Snapshot, plan: diff.Plan, run_id: str, sync_type: str, send_records: bool,
            old_bodies: dict[str, bytes], keep: bool, body_dict: bytes | None) -> _Analysis:
     """The run's outbox events (the types the sync sends), counts and, with keep_records, the
@@ -188,10 +185,11 @@ def _build(sync: Sync, snap: diff.Snapshot, plan: diff.Plan, run_id: str, sync_t
         wanted = set(spec.events) if send_records else set()
         tally = EventType.ALL_CONSUMED in spec.events
         run_key = run_id if tally else None
-        all_types = list(map(_TYPE_OF, plan.changes))
-        counts = {kind: all_types.count(kind) for kind in (EventType.NEW, EventType.MODIFIED, EventType.DELETED)}
-        sent = plan.changes if all(counts[kind] == 0 or kind in wanted for kind in counts) else \
-            [change for change in plan.changes if change.type in wanted]
+        types, record_ids, recs = plan.types, plan.record_ids, plan.records
+        counts = {kind: types.count(kind) for kind in (EventType.NEW, EventType.MODIFIED, EventType.DELETED)}
+        if not all(counts[kind] == 0 or kind in wanted for kind in counts):
+            sent = [kind in wanted for kind in types]
+            types, record_ids, recs = (list(compress(column, sent)) for column in (types, record_ids, recs))
         now = time.time()
         webhook_url, sid = spec.webhook_url, sync.id
         ignore = list(sync.ignore_paths)
@@ -199,27 +197,27 @@ def _build(sync: Sync, snap: diff.Snapshot, plan: diff.Plan, run_id: str, sync_t
         record_json, record_value = diff.record_json, diff.record_value
         DELETED, NEW = EventType.DELETED, EventType.NEW
         # Stored as eventData plus the run's constants: envelopes are rendered when read back.
-        events = RunEvents(sid, webhook_url, now, sync_type, run_id, run_key, new_ids("evt", len(sent)),
-                           list(map(_RECORD_ID_OF, sent)), all_types if sent is plan.changes else list(map(_TYPE_OF, sent)))
+        events = RunEvents(sid, webhook_url, now, sync_type, run_id, run_key, new_ids("evt", len(types)),
+                           record_ids, types)
         changed: list[bytes | None] = []
-        if not keep and DELETED not in events.types:
+        if not keep and DELETED not in types:
             # Every event's data is its record's JSON: one comprehension, no per-event branches.
-            events.data = [record_json(record, exact_possible, exact) for record in map(_RECORD_OF, sent)]
+            events.data = [record_json(record, exact_possible, exact) for record in recs]
         else:
             add = events.data.append
-            for change in sent:
-                kind, record_id, fields = change.type, change.record_id, None
+            for kind, record_id, record in zip(types, record_ids, recs, strict=True):
+                fields = None
                 if kind == DELETED:
                     before = old_bodies.get(record_id) if keep else None
                     add(before if before is not None else b"null")
                 else:
-                    add(record_json(change.record, exact_possible, exact))
+                    add(record_json(record, exact_possible, exact))
                     if keep and kind != NEW:
                         before = old_bodies.get(record_id)
                         if before is not None:
                             # changedFields never names an ignored path: both sides are compared without them.
                             old_record = orjson.loads(before)
-                            new_record = record_value(change.record, exact_possible)
+                            new_record = record_value(record, exact_possible)
                             if ignore:
                                 old_record, new_record = without(old_record, ignore), without(new_record, ignore)
                             fields = orjson.dumps(diff.changed_fields(old_record, new_record))
@@ -486,7 +484,7 @@ async def _finish(run: _Run, snap: diff.Snapshot, body_hash: bytes, validators: 
     if run.rebaseline:
         log.info("list_identifier, record_identifier or ignore_fields changed: re-baselining without events",
                  records=len(snap.fingerprints))
-        plan = diff.Plan([], dict(snap.fingerprints), [], {})
+        plan = diff.Plan.writes_only(dict(snap.fingerprints))
         result.outcome, result.sync_type = "baseline", None
         sync_type, send_records, old_count = None, False, 0
     else:
@@ -502,8 +500,8 @@ async def _finish(run: _Run, snap: diff.Snapshot, body_hash: bytes, validators: 
         old_count = len(old)
     old_bodies: dict[str, bytes] = {}
     body_dict = state.body_dict if state is not None and state.keeps_records and not run.rebaseline else None
-    if keep and store is not None and plan.changes and not run.initial and state.keeps_records:
-        wanted = [c.record_id for c in plan.changes if c.type != EventType.NEW]
+    if keep and store is not None and plan.types and not run.initial and state.keeps_records:
+        wanted = [rid for kind, rid in zip(plan.types, plan.record_ids, strict=True) if kind != EventType.NEW]
         old_bodies = await store.bodies(state, wanted) if wanted else {}
     args = (sync, snap, plan, result.run_id, sync_type, send_records, old_bodies, keep, body_dict)
     a = await asyncio.to_thread(_build, *args) if big else _build(*args)
