@@ -40,6 +40,25 @@ async def test_a_version_1_database_is_upgraded_and_keeps_its_state(state_path):
         assert (await store.sync_state("a")).generation == 3
 
 
+async def test_a_new_database_has_16k_pages_and_an_old_one_keeps_its_own(state_path, tmp_path):
+    def page_size(path: Path) -> int:
+        conn = sqlite3.connect(path)
+        try:
+            return conn.execute("PRAGMA page_size").fetchone()[0]
+        finally:
+            conn.close()
+
+    async with await Store.open(state_path):
+        pass
+    assert page_size(state_path) == 16384
+    old = tmp_path / "old" / "state.db"
+    make_v1(old)
+    assert page_size(old) == 4096
+    async with await Store.open(old) as store:  # upgraded in place, its pages as they were
+        assert await store.fingerprints(await store.sync_state("a")) == {"1": b"\x01"}
+    assert page_size(old) == 4096
+
+
 async def test_a_newer_database_is_refused_with_a_clear_error(state_path):
     async with await Store.open(state_path):
         pass
