@@ -8,6 +8,7 @@ import base64
 import gc
 import os
 import sys
+import time
 from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,17 +23,21 @@ EX_OK = 0
 EX_FAILURE = 1
 EX_USAGE = 2
 EX_CONFIG = 78  # sysexits.h EX_CONFIG: systemd's RestartPreventExitStatus=78 stops restart loops
+#: A stop signal this soon after the first is the same one delivered twice, not an impatient user.
+DUPLICATE_SIGNAL_WINDOW = 1.0
 
 _SETTINGS_HELP_GROUP = "settings (each also SYNCD_<NAME> in the environment or <name> in the settings file)"
 
 
 #: The settings each command uses (besides config_dir, state_path and state_url, which every command takes).
-#: Its --help lists these only; the others still apply from the environment and the settings file.
-#: `run` and `check` (which validates what `run` would use, like nginx -t) take every setting.
+#: Its --help lists these only. Every setting is still a flag of every command (DESIGN §3), left out
+#: of the help where the command does not use it. `run` and `check` (which validates what `run`
+#: would use, like nginx -t) list every setting.
 _COMMAND_SETTINGS = {
-    "once": {"log_format", "log_level", "allow_insecure_webhooks", "max_response_bytes", "max_requests_per_host"},
-    "status": set(),
-    "reset": set(),
+    "once": {"log_format", "log_level", "allow_insecure_webhooks", "max_response_bytes", "max_requests_per_host",
+             "api_config_dir"},
+    "status": {"api_config_dir"},
+    "reset": {"api_config_dir"},
     "deliveries": set(),
     "demo": {"log_format", "log_level"},
 }
@@ -52,8 +57,7 @@ def _settings_parser(command: str | None = None) -> argparse.ArgumentParser:
     from syncd.units import format_duration
 
     for name, info in Settings.model_fields.items():
-        if wanted is not None and name not in wanted | {"config_dir", "state_path", "state_url"}:
-            continue
+        hidden = wanted is not None and name not in wanted | {"config_dir", "state_path", "state_url"}
         if name == "integrations":
             continue  # tables: the settings file only
         flag = "--" + name.replace("_", "-")
@@ -72,12 +76,14 @@ def _settings_parser(command: str | None = None) -> argparse.ArgumentParser:
             default = None  # computed (state_path) or none (webhook_secret): the description says
         if default is not None:
             text += f" Default: {default}."
-        kwargs: dict[str, Any] = {"dest": f"setting_{name}", "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
+        kwargs: dict[str, Any] = {"dest": f"setting_{name}", "default": argparse.SUPPRESS,
+                                  "help": argparse.SUPPRESS if hidden else text.replace("%", "%%")}
         if info.annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif name in ("webhook_retry_schedule", "api_keys", "api_allowed_hosts"):
             kwargs["metavar"] = "LIST"
-            kwargs["help"] += " Comma-separated on the command line."
+            if not hidden:
+                kwargs["help"] += " Comma-separated on the command line."
         elif info.annotation is int:
             kwargs["metavar"] = "N"
         else:
@@ -195,6 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     except StateUnusable as exc:
         print(f"syncd: {exc}", file=sys.stderr)
         return EX_FAILURE
+    except BrokenPipeError:  # `syncd status | head`: the reader has what it wanted
+        _stdout_gone()
+        return EX_OK
+
+
+def _stdout_gone() -> None:
+    """The reader of stdout went away: send what is still buffered nowhere, quietly (a flush at
+    exit would raise BrokenPipeError again)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _configure_logs(settings: Settings) -> None:
@@ -271,7 +288,7 @@ async def _once(settings: Settings, sync_id: str, dry_run: bool, accept_deletes:
     store = None
     if not dry_run:
         store = await _open_store(settings, fallback_readonly=False)
-    elif settings.state_url is not None or settings.state_path.exists():
+    elif settings.state_url is not None or _exists(settings.state_path):
         store = await _open_store(settings, readonly=True)
     for warning in load_warnings(sync):
         print(f"warning: {sync.file}: {warning}", file=sys.stderr)
@@ -289,9 +306,12 @@ async def _once(settings: Settings, sync_id: str, dry_run: bool, accept_deletes:
     closing = asyncio.ensure_future(store.close()) if store is not None else None
     await asyncio.sleep(0)  # let the close start
     out = sys.stdout.buffer
-    for body in result.events:
-        out.write(body + b"\n")
-    out.flush()
+    try:
+        for body in result.events:
+            out.write(body + b"\n")
+        out.flush()
+    except BrokenPipeError:  # `syncd once ID | head`: the run is committed all the same
+        _stdout_gone()
     if closing is not None:
         await closing
     if result.warning:
@@ -353,15 +373,23 @@ async def _serve(settings: Settings, daemon=None) -> int:
     log = structlog.get_logger("syncd")
     daemon = daemon or Daemon(settings, notifier=Notifier())
     loop = asyncio.get_running_loop()
-    stops = 0
+    first_stop: float | None = None
+    stopped = False
 
     def on_stop(signame: str) -> None:
-        nonlocal stops
-        stops += 1
-        if stops > 1:
+        nonlocal first_stop
+        now = time.monotonic()
+        if stopped:
+            return  # everything is shut down already: the exit status stays that of a clean stop
+        if first_stop is not None:
+            # The same stop delivered twice (timeout(1) signals the process and then its group; a
+            # terminal's Ctrl-C reaches every process of the group): not a second request.
+            if now - first_stop < DUPLICATE_SIGNAL_WINDOW:
+                return
             # A second Ctrl-C: leave now. Safe: every commit is one transaction; pending events stay queued.
             log.warning("second stop signal: exiting immediately", signal=signame)
             os._exit(130)
+        first_stop = now
         log.info("stop requested", signal=signame)
         daemon.request_stop()
 
@@ -372,6 +400,7 @@ async def _serve(settings: Settings, daemon=None) -> int:
 
     try:
         await daemon.run()
+        stopped = True
     except StateLocked as exc:
         log.error("cannot start: the state database is in use", error=str(exc))
         return EX_FAILURE
@@ -422,6 +451,15 @@ def state_error(settings: Settings, exc: BaseException) -> str:
     return f"cannot use the state database {where}: {text}"
 
 
+def _exists(path: Path) -> bool:
+    """Path.exists, but True where the answer is "cannot tell" (a parent that cannot be entered):
+    opening it then says why, in one line."""
+    try:
+        return path.exists()
+    except OSError:
+        return True
+
+
 async def _open_store(settings: Settings, *, readonly: bool = False, fallback_readonly: bool = True):
     """Open the state database, or raise StateUnusable with a one-line reason. An SQLite file the
     user may read but not write is opened read-only (enough for status and deliveries list)."""
@@ -434,8 +472,10 @@ async def _open_store(settings: Settings, *, readonly: bool = False, fallback_re
     try:
         return await open_store(state_path=path, state_url=url, readonly=readonly, **options)
     except (StoreError, OSError) as exc:
-        if (not url and fallback_readonly and not readonly and path.exists() and os.access(path, os.R_OK)
-                and not os.access(path, os.W_OK)):
+        # Read-only where this user may read the file but not write it or its directory (which
+        # must take the -wal and -shm files): enough for status and deliveries list.
+        if (not url and fallback_readonly and not readonly and _exists(path) and os.access(path, os.R_OK)
+                and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))):
             try:
                 return await open_store(state_path=path, readonly=True)
             except (StoreError, OSError):
@@ -448,7 +488,7 @@ def _with_store(settings: Settings, fn):
     from syncd.store import StoreError
 
     async def go():
-        if settings.state_url is None and not settings.state_path.exists():
+        if settings.state_url is None and not _exists(settings.state_path):
             print(f"syncd: no state database at {settings.state_path} yet (nothing has run; check --state-path)",
                   file=sys.stderr)
             return None
@@ -553,13 +593,12 @@ def cmd_reset(args: argparse.Namespace) -> int:
 
 def parse_time(text: str) -> float:
     """An ISO 8601 time or date, or a duration meaning that long ago."""
-    import time as _time
     from datetime import datetime
 
     from syncd.units import parse_duration
 
     try:
-        return _time.time() - parse_duration(text)
+        return time.time() - parse_duration(text)
     except ValueError:
         pass
     try:
@@ -599,12 +638,10 @@ def cmd_deliveries_list(args: argparse.Namespace) -> int:
 
 
 def cmd_deliveries_replay(args: argparse.Namespace) -> int:
-    import time as _time
-
     settings = _load_settings(args)
-    counts = _with_store(settings, lambda st: st.replay(sync_id=args.sync, since=args.since, event_id=args.event, now=_time.time()))
+    counts = _with_store(settings, lambda st: st.replay(sync_id=args.sync, since=args.since, event_id=args.event, now=time.time()))
     if counts is None:
-        return EX_USAGE
+        return EX_OK  # no database yet: no dead letters (said on stderr)
     count, skipped = counts
     print(f"replayed {count} dead letter{'s' * (count != 1)}: queued again with fresh attempts"
           + ("" if count or skipped else " (nothing matched)"))
@@ -619,7 +656,7 @@ def cmd_deliveries_purge(args: argparse.Namespace) -> int:
     settings = _load_settings(args)
     count = _with_store(settings, lambda st: st.purge_dead(before=args.before, sync_id=args.sync))
     if count is None:
-        return EX_USAGE
+        return EX_OK  # no database yet: no dead letters (said on stderr)
     print(f"purged {count} dead letter{'s' * (count != 1)}")
     return EX_OK
 

@@ -443,8 +443,15 @@ class _Resolver:
             path = Path(self._creds) / name
             try:
                 value = path.read_text(encoding="utf-8").rstrip("\r\n")
-            except OSError:
+            except FileNotFoundError:
                 value = None
+            except OSError as exc:
+                self.problems.append(Problem(self.source, key, f"cannot read ${{{name}}} from {path} ({exc.strerror or exc}): "
+                                             "let the user syncd runs as read it"))
+                return ""
+            except UnicodeDecodeError:
+                self.problems.append(Problem(self.source, key, f"${{{name}}} in {path} is not UTF-8 text"))
+                return ""
         if value is None:
             where = (f" or in {self._creds}" if self._creds else
                      " (nor CREDENTIALS_DIRECTORY: outside systemd, set it to the directory LoadCredential= reads, "
@@ -512,13 +519,34 @@ def parse_definition(data: Any, settings: Settings, *, source: str, default_id: 
             ignore_paths=tuple(compile_path(text) for text in spec.ignore_fields),
             shape=shape,
             digest=digest,
-            secrets=frozenset(resolver.secrets | (spec.api_details.auth.secret_values() if spec.api_details.auth else set())),
+            secrets=frozenset(resolver.secrets | _literal_secrets(spec)
+                              | (spec.api_details.auth.secret_values() if spec.api_details.auth else set())),
         ),
         [],
     )
 
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+#: Header and query parameter names whose values are credentials, however they were written.
+_SECRET_NAME = re.compile(r"(?i)auth|token|key|secret|pass|cookie|session|sig|credential|bearer|code")
+
+
+def _literal_secrets(spec: SyncSpec) -> set[str]:
+    """Credentials written into the definition itself rather than as ${NAME}: the values of
+    header and query parameters named like one. They are scrubbed from errors and logs too (an
+    API that echoes the request in its error page must not put them in the journal)."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    api = spec.api_details
+    found = {value for name, value in api.headers.items() if _SECRET_NAME.search(name)}
+    for url in (api.base_url, api.path):
+        try:
+            query = urlsplit(url).query
+        except ValueError:
+            continue
+        found |= {value for name, value in parse_qsl(query) if _SECRET_NAME.search(name)}
+    bearer = {value.split(None, 1)[1] for value in found if " " in value.strip()}  # "Bearer X": X alone too
+    return {value for value in found | bearer if value}
 
 
 def _resolved_problems(source: str, spec: SyncSpec) -> list[Problem]:
@@ -598,9 +626,29 @@ def declared_id(path: Path) -> str:
 
 
 def definition_files(config_dir: Path) -> list[Path]:
-    if not config_dir.is_dir():
+    if directory_problem(config_dir) is not None:
         return []
     return _definition_files(config_dir)
+
+
+def is_dir(path: Path) -> bool:
+    """Path.is_dir, False also where a parent cannot be entered or the name is too long."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def directory_problem(path: Path) -> str | None:
+    """Why the definitions in directory `path` cannot be listed (None: they can). A directory
+    that cannot be read must not pass for an empty one: every sync in it would be dropped."""
+    try:
+        if not path.is_dir():
+            return "directory not found"
+        with os.scandir(path):
+            return None
+    except OSError as exc:
+        return f"cannot read the directory ({exc.strerror or exc})"
 
 
 def _definition_files(config_dir: Path) -> list[Path]:
@@ -641,13 +689,20 @@ def load_dir(settings: Settings) -> tuple[dict[str, Sync], list[Problem]]:
     """Every valid sync in `config_dir` (and api_config_dir) by id, and every problem found
     (invalid files are left out)."""
     config_dir = settings.config_dir
-    if not config_dir.is_dir():
+    problem = directory_problem(config_dir)
+    if problem == "directory not found":
         return {}, [Problem(str(config_dir), "config_dir", "directory not found; create it or set config_dir / SYNCD_CONFIG_DIR / --config-dir")]
+    if problem is not None:
+        return {}, [Problem(str(config_dir), "config_dir", f"{problem}; let the user syncd runs as read and enter it")]
     loaded: list[Sync] = []
     problems: list[Problem] = []
-    paths = definition_files(config_dir)
-    if settings.api_dir.is_dir() and settings.api_dir.resolve() != config_dir.resolve():
-        paths += definition_files(settings.api_dir)  # syncs created through the control API
+    paths = _definition_files(config_dir)
+    api_problem = directory_problem(settings.api_dir)
+    if api_problem is None and settings.api_dir.resolve() != config_dir.resolve():
+        paths += _definition_files(settings.api_dir)  # syncs created through the control API
+    elif api_problem != "directory not found":
+        problems.append(Problem(str(settings.api_dir), "api_config_dir",
+                                f"{api_problem}; the syncs created through the control API are not loaded"))
     for path in paths:
         sync, found = load_file(path, settings)
         problems.extend(found)

@@ -14,7 +14,7 @@ from pathlib import Path
 import structlog
 
 from syncd import server
-from syncd.config import Sync, definition_files, load_dir, load_warnings
+from syncd.config import Sync, definition_files, is_dir, load_dir, load_warnings
 from syncd.delivery import Deliverer, Target
 from syncd.engine import RunResult, poll
 from syncd.http import poll_session, webhook_session
@@ -234,8 +234,10 @@ class Daemon:
         bad_files = {Path(p.source) for p in problems} | {Path(f) for f in fresh}
         self._invalid_files = {Path(p.source) for p in problems}
         if any(p.key == "config_dir" for p in problems):
-            syncs = dict(self.syncs)  # the directory vanished: keep everything as it was
+            syncs = dict(self.syncs)  # the directory vanished or cannot be read: keep everything as it was
         else:
+            if any(p.key == "api_config_dir" for p in problems):  # unreadable: its syncs stay as they were
+                syncs.update({i: s for i, s in self.syncs.items() if s.origin == "api" and i not in syncs})
             present = set(definition_files(settings.config_dir)) | set(definition_files(settings.api_dir))
             for path in bad_files & present:
                 old_id = self._file_ids.get(path)
@@ -433,7 +435,7 @@ class Daemon:
             self._inotify = False
             return False
         settings = self.settings
-        dirs = [d for d in (settings.config_dir, settings.api_dir) if d.is_dir()]
+        dirs = [d for d in (settings.config_dir, settings.api_dir) if is_dir(d)]
         if settings.config_dir not in dirs:
             return False
         stop = asyncio.Event()
@@ -445,7 +447,7 @@ class Daemon:
 
         async def dirs_gone() -> None:
             # A directory created or removed (api.d appears with the first API sync): watch anew.
-            while {d for d in (settings.config_dir, settings.api_dir) if d.is_dir()} == expected:
+            while {d for d in (settings.config_dir, settings.api_dir) if is_dir(d)} == expected:
                 await asyncio.sleep(WATCH_INTERVAL * 4)
             stop.set()
 

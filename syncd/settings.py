@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -11,7 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, ByteSize, Field, SecretStr, ValidationError, field_validator
+from pydantic_core import PydanticUseDefault
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from syncd.errors import ConfigError, Problem
 from syncd.signing import secret_key
@@ -124,6 +127,15 @@ class Settings(BaseSettings):
     def _blank_url(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("config_dir", "state_path", "api_config_dir", mode="before")
+    @classmethod
+    def _blank_path(cls, value: Any) -> Any:
+        # SYNCD_CONFIG_DIR= (an EnvironmentFile line left empty) means the default, never the
+        # current directory (which is / under systemd).
+        if isinstance(value, str) and not value.strip():
+            raise PydanticUseDefault()
+        return value
+
     @field_validator("state_url")
     @classmethod
     def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
@@ -133,6 +145,9 @@ class Settings(BaseSettings):
                 raise ValueError("must be a PostgreSQL URL: postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE")
             if any(c in text for c in "\r\n\0"):
                 raise ValueError("must not contain line breaks")
+            problem = _url_problem(text)
+            if problem:  # never the URL itself in the message: it holds the password
+                raise ValueError(problem)
             return SecretStr(text)
         return value
 
@@ -191,10 +206,20 @@ class _CredentialsSource(PydanticBaseSettingsSource):
         if not directory:
             return {}
         found = {}
+        problems = []
         for name in SECRET_SETTINGS:
             path = Path(directory) / name
-            if path.is_file():
+            try:
+                if not path.is_file():
+                    continue
                 found[name] = path.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                problems.append(Problem(str(path), name, f"cannot read the credential ({exc.strerror or exc}): "
+                                        "let the user syncd runs as read it (systemd's LoadCredential= does)"))
+            except UnicodeDecodeError:
+                problems.append(Problem(str(path), name, "the credential is not UTF-8 text"))
+        if problems:
+            raise ConfigError(problems)
         return found
 
 
@@ -246,15 +271,26 @@ def load_settings(overrides: dict[str, Any] | None = None, settings_file: str | 
         if env in os.environ:
             return f"{env} (environment)"
         credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-        if key in SECRET_SETTINGS and credentials and (Path(credentials) / key).is_file():
+        if key in SECRET_SETTINGS and credentials and _is_file(Path(credentials) / key):
             return str(Path(credentials) / key)
         return source if key in data else "settings"
 
     token = _settings_file_data.set(data)
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
+        if _same_dir(settings.api_dir, settings.config_dir):
+            raise ConfigError([Problem(source_of("api_config_dir"), "api_config_dir", (
+                "must not be config_dir: syncs created through the control API would be indistinguishable from your "
+                "own files (and the API's stop would delete them); give it a directory of its own, e.g. "
+                "/var/lib/syncd/api.d"))])
+        return settings
     except ValidationError as exc:
         raise ConfigError(problems_from_validation(exc, source_of)) from None
+    except SettingsError as exc:  # a setting that must be JSON in the environment, and is not
+        field = re.search(r'field "(\w+)"', str(exc))
+        key = field.group(1) if field else "settings"
+        raise ConfigError([Problem(source_of(key), key, "is not valid JSON (in the environment this setting is a JSON "
+                                   "object; tables are easier in the settings file)")]) from None
     finally:
         _settings_file_data.reset(token)
 
@@ -291,20 +327,51 @@ def problems_from_validation(exc: ValidationError, source: str | Callable[[str],
     return problems
 
 
-def redact_url(url: str) -> str:
-    """A connection URL with its password (and any password= parameter) replaced by ***."""
-    import re
-    from urllib.parse import urlsplit, urlunsplit
+_ENCODE_HINT = ("percent-encode '/', '?', '#', '@' and ':' in the user name and password (%2F, %3F, %23, %40, %3A), "
+                "e.g. with python3 -c 'import urllib.parse,sys; print(urllib.parse.quote(sys.argv[1], safe=\"\"))' PASSWORD")
+
+
+def _url_problem(url: str) -> str | None:
+    """What is wrong with a PostgreSQL URL as the driver will read it (None: nothing), without
+    quoting any part of it."""
+    from urllib.parse import urlsplit
 
     try:
         parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number
+        host = parts.hostname
     except ValueError:
+        return "is not a valid PostgreSQL URL: the part after '@' is not HOST[:PORT]; " + _ENCODE_HINT
+    if "@" in parts.path or "@" in parts.query or "@" in parts.fragment:
+        return "is not a valid PostgreSQL URL: an '@' comes after the host; " + _ENCODE_HINT
+    if not host and "host=" not in parts.query:
+        return "names no host: postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
+    return None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):
+        return a == b
+
+
+def redact_url(url: str) -> str:
+    """A connection URL with its password (and any password= parameter) replaced by ***. Reads
+    the user information up to the last '@', so a password holding an unencoded '/', '?' or '#'
+    is hidden too."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return "postgresql://(unparsable URL)"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        netloc = f"{userinfo}@{host}"
-    query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if "@" in rest:
+        userinfo, rest = rest.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        rest = (f"{user}:***@" if ":" in userinfo else f"{user}@") + rest
+    return f"{scheme}://" + re.sub(r"(?i)(password=)[^&#]*", r"\1***", rest)

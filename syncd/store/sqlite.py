@@ -11,6 +11,7 @@ import fcntl
 import itertools
 import os
 import sqlite3
+import urllib.parse
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -330,6 +331,13 @@ async def _packed_events(events: RunEvents | None) -> list[tuple] | None:
     return await asyncio.to_thread(pack)
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def _identity(path: Path) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
@@ -433,7 +441,12 @@ class SqliteStore:
         checkpointed when the last connection closes, or by the daemon's next commit."""
         path = Path(path)
         if readonly:
-            conn = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+            # A WAL database is read through its -shm file, which a reader without write access
+            # to the directory cannot create: when no writer has one open (no -wal file), nothing
+            # can change under us, and SQLite may read the file as it is.
+            immutable = not _exists(path.with_name(path.name + "-wal")) and not os.access(path.parent, os.W_OK)
+            uri = f"file:{urllib.parse.quote(str(path))}?mode=ro" + ("&immutable=1" if immutable else "")
+            conn = await aiosqlite.connect(uri, uri=True, isolation_level=None)
         else:
             create_private(path)
             conn = await aiosqlite.connect(path, isolation_level=None)
