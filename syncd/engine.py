@@ -216,7 +216,9 @@ def _build(sync: Sync, snap: diff.Snapshot, plan: diff.Plan, run_id: str, sync_t
                         before = old_bodies.get(record_id)
                         if before is not None:
                             # changedFields never names an ignored path: both sides are compared without them.
-                            old_record = orjson.loads(before)
+                            # The stored body is read as the response is: numbers beyond a double
+                            # stay exact (plain orjson would round them, or refuse 1e400).
+                            old_record = parse_document(before)[0]
                             new_record = record_value(record, exact_possible)
                             if ignore:
                                 old_record, new_record = without(old_record, ignore), without(new_record, ignore)

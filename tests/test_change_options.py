@@ -5,6 +5,7 @@ Each option changes exactly what it promises and nothing else."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 
@@ -126,6 +127,22 @@ async def test_keep_records_sends_changed_fields_and_the_last_body(upstream, con
     # A change of an ignored field alone is no change at all.
     upstream.bodies["/s"] = items({"id": 1, "a": {"b": 2, "c": [1, 2, 3]}, "seen": 3})
     assert (await once(conf_dir, state_path))[1] == []
+
+
+async def test_keep_records_compares_exact_numbers_exactly(upstream, conf_dir, state_path):
+    # Numbers a double cannot hold, stored and read back: only the leaves that changed are named,
+    # and a record holding 1e400 does not fail the run when another of its fields changes.
+    sync_file(conf_dir, upstream, extra="keep_records = true")
+    upstream.bodies["/s"] = (b'{"items":[{"id":1,"big":123456789012345678901234567890,"dec":0.10000000000000000001,'
+                             b'"w":1,"tags":["a"]},{"id":2,"huge":1e400,"w":1}]}')
+    assert (await run_cli("once", "s", "--config-dir", str(conf_dir), "--state-path", str(state_path)))[0] == 0
+    upstream.bodies["/s"] = (b'{"items":[{"id":1,"big":123456789012345678901234567890,"dec":0.10000000000000000001,'
+                             b'"w":2,"tags":["a","b"]},{"id":2,"huge":1e400,"w":2}]}')
+    code, out, err = await run_cli("once", "s", "--config-dir", str(conf_dir), "--state-path", str(state_path))
+    assert code == 0, err
+    by = {e["recordId"]: e for e in map(json.loads, out.splitlines())}  # json: 1e400 is a float('inf') there
+    assert by["1"]["changedFields"] == ["$.tags[1]", "$.w"]
+    assert by["2"]["changedFields"] == ["$.w"]
 
 
 async def test_without_keep_records_nothing_extra(upstream, conf_dir, state_path):
