@@ -341,6 +341,7 @@ async def test_a_list_whose_every_record_lacks_an_id_fails(upstream, conf_dir, s
 @pytest.mark.parametrize("answer, headers, hint", [
     ({"items": [{"id": 1}], "has_more": True}, {}, "has_more"),
     ({"items": [{"id": 1}], "next": "https://api/x?page=2"}, {}, "next"),
+    ({"items": [{"id": 1}], "next": {"href": "https://api/x?page=2"}}, {}, "$.next.href"),  # HAL's link object
     ({"items": [{"id": 1}], "nextPageToken": "abc"}, {}, "nextPageToken"),
     ({"items": [{"id": 1}], "links": {"next": "/x?page=2"}}, {}, "links.next"),
     ({"items": [{"id": 1}], "meta": {"next_cursor": "c2"}}, {}, "meta.next_cursor"),

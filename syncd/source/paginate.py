@@ -202,7 +202,15 @@ def next_page_hint(headers: Any, document: Any) -> str | None:
         return None
     for key, _, settings in _HINT_KEYS:
         value = document.get(key)
-        if key == "has_more" and value is True or key != "has_more" and _truthy(value) and not isinstance(value, dict | list):
+        if key == "has_more":
+            if value is True:
+                return f"the response has {key} = {_show(value)}: set [api_details.pagination] {settings}"
+            continue
+        # Any non-null value (DESIGN §7), a link object too ({"href": ...}, as HAL writes it); an
+        # empty object or list says nothing.
+        if _truthy(value) and not (isinstance(value, dict | list) and not value):
+            if isinstance(value, dict) and isinstance(value.get("href"), str):
+                settings = settings.replace(f'"$.{key}"', f'"$.{key}.href"')
             return f"the response has {key} = {_show(value)}: set [api_details.pagination] {settings}"
     links, meta = document.get("links"), document.get("meta")
     if type(links) is dict and _truthy(links.get("next")):
