@@ -451,14 +451,16 @@ def _processed(sync: Sync, result: RunResult, record_events: list[OutboxEvent], 
         "outcome": result.outcome,
     }
     now = time.time()
-    event_id, body = lifecycle(EventType.PROCESSED, data, sync_type=result.sync_type, sync_id=sync.id,
+    # A re-baseline run (result.sync_type None: no record events) is a later run all the same: its
+    # envelope says delta_sync, as DESIGN §5 allows only initial_sync and delta_sync.
+    event_id, body = lifecycle(EventType.PROCESSED, data, sync_type=result.sync_type or DELTA, sync_id=sync.id,
                                run_id=result.run_id, now=now)
     return [OutboxEvent(event_id, sync.id, LIFECYCLE_KEY, EventType.PROCESSED, sync.spec.webhook_url, now, body,
                         result.run_id if tally else None)]
 
 
 def _tally(sync: Sync, result: RunResult) -> tuple[str, str | None] | None:
-    return (sync.spec.webhook_url, result.sync_type) if EventType.ALL_CONSUMED in sync.spec.events else None
+    return (sync.spec.webhook_url, result.sync_type or DELTA) if EventType.ALL_CONSUMED in sync.spec.events else None
 
 
 async def _finish(run: _Run, snap: diff.Snapshot, body_hash: bytes, validators: dict[str, str] | None,

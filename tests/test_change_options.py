@@ -172,6 +172,13 @@ async def test_processed_follows_every_successful_run_once(upstream, conf_dir, s
     upstream.status = 500
     code, events, _ = await once(conf_dir, state_path)
     assert code == 1 and events == []
+    # A re-baseline (ignore_fields changed) sends no record event; its processed is a delta_sync.
+    upstream.status = 200
+    sync_file(conf_dir, upstream, extra='events = ["record.new", "record.modified", "record.deleted", '
+                                         '"sync.events.processed"]\nignore_fields = ["$.x"]')
+    code, events, _ = await once(conf_dir, state_path)
+    assert [(e["eventType"], e["syncType"], e["eventData"]["outcome"]) for e in events] == [
+        ("sync.events.processed", "delta_sync", "baseline")]
 
 
 async def test_lifecycle_events_through_the_daemon_and_a_kill(upstream, receiver, conf_dir, state_path, daemons):
