@@ -128,7 +128,8 @@ def get_id_safe(get_id: Callable[[Any], Any], record: Any) -> Any:
 def _record_id(value: Any) -> str | None:
     kind = type(value)
     if kind is str:
-        return value
+        # An empty id names nothing (and "" is the outbox's key of the lifecycle events).
+        return value or None
     if kind is int:
         return str(value)
     if kind is ExactNumber:
@@ -227,7 +228,7 @@ class SnapshotBuilder:
             kind = type(value)
             if kind is int:
                 all_str = False
-            elif kind is not str:
+            elif kind is not str or not value:
                 value = _record_id(value)
                 if value is None:
                     invalid += 1
@@ -264,7 +265,7 @@ class SnapshotBuilder:
             kind = type(value)
             if kind is int:
                 all_str = False
-            elif kind is not str:
+            elif kind is not str or not value:
                 value = _record_id(value)
                 if value is None:
                     invalid += 1
@@ -282,7 +283,7 @@ class SnapshotBuilder:
             self._first_skipped = record
         if len(self.examples) < 3:
             raw = get_id_safe(self._get_id, record)
-            what = "no id" if raw is MISSING else "id is " + _json_type(raw)
+            what = "no id" if raw is MISSING else "the id is an empty string" if raw == "" else "id is " + _json_type(raw)
             if type(raw) is float:
                 what = f"id {raw!r} is too large to be exact (over 2^53)"
             self.examples.append((f"page {page} " if page else "") + f"item {index}: {what}")

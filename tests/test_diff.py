@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from syncd import diff
 from syncd.jsonpath import compile_path
+from syncd.records import split_list
 
 LIST = compile_path("$.items")
 ID = compile_path("$.id")
@@ -123,3 +124,14 @@ def test_ids_too_large_to_be_exact_are_invalid_not_merged():
     # The first two parse to the same float; the third is a 64-bit int and stays exact.
     assert snap.invalid_ids == 2 and list(snap.fingerprints) == ["9007199254740993"]
     assert "too large" in snap.invalid_examples[0]
+
+
+def test_an_empty_id_is_no_id_on_both_paths():
+    # "" names no record (and is the outbox's key of lifecycle events, which it would be queued behind).
+    body = b'{"items": [{"id": ""}, {"id": "a"}, {"id": 0}]}'
+    whole = diff.snapshot(orjson.loads(body), "s", LIST, ID)
+    by_record = diff.SnapshotBuilder("s", LIST, ID)
+    by_record.add_raw(split_list(body, LIST.steps)[0], exact_possible=False)
+    for snap in (whole, by_record.finish()):
+        assert snap.invalid_ids == 1 and list(snap.fingerprints) == ["a", "0"]
+        assert "the id is an empty string" in snap.invalid_examples[0]
