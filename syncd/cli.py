@@ -69,7 +69,9 @@ def _settings_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == "webhook_retry_schedule":
             default = ",".join(default)
         elif name == "max_response_bytes":
-            default = f"{default // 2**20}MiB"
+            default = f"{default // 2**30}GiB" if default % 2**30 == 0 else f"{default // 2**20}MiB"
+        elif info.annotation is bool:
+            default = "on" if default else "off"
         elif any(getattr(m, "func", None) is format_duration for m in info.metadata):
             default = format_duration(default)
         elif default is PydanticUndefined or name == "webhook_secret":
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", parents=[common], help="validate settings and every sync definition (like nginx -t)",
                        description="Validate the settings and every *.toml file in config_dir. Prints each problem "
                                    "as 'FILE: key: reason'. Exit 0 if everything is valid, 78 if not.")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing when the configuration is valid")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but warnings when the configuration is valid")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("once", parents=[flags["once"]], help="run one poll of one sync now and print its events",
