@@ -541,7 +541,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from syncd.status import sync_view
 
     settings = _load_settings(args)
-    syncs, problems = load_dir(settings)
+    # Run by an operator whose shell lacks the service's environment and credentials: a ${NAME}
+    # not set here does not make a definition invalid (the daemon resolves it in its own).
+    syncs, problems = load_dir(settings, lenient_vars=True)
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
     # A broken file still declares its sync: the daemon keeps running that sync's last good version.

@@ -416,8 +416,11 @@ def is_loopback(host: str | None) -> bool:
 class _Resolver:
     """Replaces ${NAME} from the environment, else $CREDENTIALS_DIRECTORY/NAME; `$${` is a literal `${`."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, *, lenient: bool = False) -> None:
         self.source = source
+        #: A variable that is not set stays as written (`syncd status` in a shell without the
+        #: service's environment: the definition is still shown, not called invalid).
+        self.lenient = lenient
         self.problems: list[Problem] = []
         self.secrets: set[str] = set()
         self._creds = os.environ.get("CREDENTIALS_DIRECTORY")
@@ -452,6 +455,8 @@ class _Resolver:
             except UnicodeDecodeError:
                 self.problems.append(Problem(self.source, key, f"${{{name}}} in {path} is not UTF-8 text"))
                 return ""
+        if value is None and self.lenient:
+            return match.group(0)
         if value is None:
             where = (f" or in {self._creds}" if self._creds else
                      " (nor CREDENTIALS_DIRECTORY: outside systemd, set it to the directory LoadCredential= reads, "
@@ -463,7 +468,7 @@ class _Resolver:
         return value
 
 
-def load_file(path: Path, settings: Settings) -> tuple[Sync | None, list[Problem]]:
+def load_file(path: Path, settings: Settings, *, lenient_vars: bool = False) -> tuple[Sync | None, list[Problem]]:
     """Read and validate one definition. Returns the Sync, or None and the problems."""
     source = str(path)
     try:
@@ -482,16 +487,17 @@ def load_file(path: Path, settings: Settings) -> tuple[Sync | None, list[Problem
         return None, [Problem(source, "file", f"cannot read: {exc}")]
 
     origin = "api" if path.parent == settings.api_dir else "file"
-    return parse_definition(data, settings, source=source, default_id=path.stem, file=path, origin=origin)
+    return parse_definition(data, settings, source=source, default_id=path.stem, file=path, origin=origin,
+                            lenient_vars=lenient_vars)
 
 
 def parse_definition(data: Any, settings: Settings, *, source: str, default_id: str | None, file: Path,
-                     origin: str = "file") -> tuple[Sync | None, list[Problem]]:
+                     origin: str = "file", lenient_vars: bool = False) -> tuple[Sync | None, list[Problem]]:
     """Validate one definition, from a TOML file or a control-API body alike: the Sync, or None
     and every problem (each naming `source`, the key and the reason). ${NAME} is resolved."""
     if not isinstance(data, dict):
         return None, [Problem(source, "(top level)", "a definition is a table (a JSON object)")]
-    resolver = _Resolver(source)
+    resolver = _Resolver(source, lenient=lenient_vars)
     resolved = resolver.resolve(data, "")
     problems = resolver.problems + _pair_problems(source, resolved)
     try:
@@ -685,9 +691,10 @@ def integration_problems(settings: Settings) -> list[Problem]:
     return problems
 
 
-def load_dir(settings: Settings) -> tuple[dict[str, Sync], list[Problem]]:
+def load_dir(settings: Settings, *, lenient_vars: bool = False) -> tuple[dict[str, Sync], list[Problem]]:
     """Every valid sync in `config_dir` (and api_config_dir) by id, and every problem found
-    (invalid files are left out)."""
+    (invalid files are left out). `lenient_vars`: a ${NAME} not set here is no problem (see
+    _Resolver.lenient)."""
     config_dir = settings.config_dir
     problem = directory_problem(config_dir)
     if problem == "directory not found":
@@ -704,7 +711,7 @@ def load_dir(settings: Settings) -> tuple[dict[str, Sync], list[Problem]]:
         problems.append(Problem(str(settings.api_dir), "api_config_dir",
                                 f"{api_problem}; the syncs created through the control API are not loaded"))
     for path in paths:
-        sync, found = load_file(path, settings)
+        sync, found = load_file(path, settings, lenient_vars=lenient_vars)
         problems.extend(found)
         if sync is not None:
             loaded.append(sync)

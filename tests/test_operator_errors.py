@@ -254,3 +254,12 @@ async def test_a_stop_signal_delivered_twice_is_one_stop(conf_dir, state_path):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_status_in_a_shell_without_the_services_variables_calls_no_file_invalid(conf_dir, state_path):
+    write_sync(conf_dir, "emp", "https://${HR_HOST}", extra='webhook_secret = "${HOOK_SECRET}"',
+               api_extra='headers = { Authorization = "Bearer ${HR_TOKEN}" }')
+    rc, out, err = await run_cli("status", "--config-dir", str(conf_dir), "--state-path", str(state_path))
+    assert rc == 0 and "emp" in out and "invalid" not in out and "warning" not in err, out + err
+    rc, _, err = await run_cli("check", "--config-dir", str(conf_dir))  # check still wants them: it checks for run
+    assert rc == 78 and "${HR_TOKEN} is not set" in err
