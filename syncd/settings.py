@@ -74,7 +74,10 @@ def parse_listen(value: str) -> tuple[str, int]:
         raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9731, got {value!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-        ipaddress.IPv6Address(host)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address (e.g. [::1]:9731), got {value!r}") from None
     elif ":" in host:
         raise ValueError(f"write an IPv6 address in brackets, e.g. [::1]:9731, got {value!r}")
     return host, int(port)
