@@ -7,9 +7,11 @@ import math
 import re
 from typing import Any
 
-import orjson
-
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+#: A TOML basic string may hold any character but `"`, `\\` and the control characters other
+#: than tab (U+0000-U+0008, U+000A-U+001F, U+007F): a raw one makes the file unreadable.
+_ESCAPES = {0x22: '\\"', 0x5C: "\\\\", 0x09: "\\t",
+            **{c: f"\\u{c:04x}" for c in [*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F]}}
 
 
 def dumps(document: dict[str, Any]) -> str:
@@ -34,8 +36,8 @@ def _key(key: str) -> str:
 
 
 def _string(text: str) -> str:
-    # A JSON string is a TOML basic string: the same escapes (\" \\ \n \t \uXXXX); orjson never writes \/.
-    return orjson.dumps(text).decode()
+    # Not orjson.dumps: JSON leaves DEL (U+007F) raw, which TOML forbids.
+    return '"' + text.translate(_ESCAPES) + '"'
 
 
 def _value(value: Any) -> str:
