@@ -24,6 +24,7 @@ from yarl import URL
 from syncd import tomlw
 from syncd.config import Sync, load_file, parse_definition, scrub
 from syncd.events import new_id
+from syncd.store import StoreError
 
 if TYPE_CHECKING:
     from syncd.daemon import Daemon
@@ -132,6 +133,8 @@ class ControlAPI:
         try:
             return await handler(request)
         except ApiError as exc:
+            if exc.status >= 500:
+                log.error("control API request failed", method=request.method, path=request.path, error=exc.msg)
             return fail(exc.status, exc.msg, exc.problems)
         except web.HTTPRequestEntityTooLarge:
             return fail(413, f"the body is larger than {MAX_BODY} bytes")
@@ -141,6 +144,16 @@ class ControlAPI:
             if exc.status == 404:
                 return fail(404, f"no endpoint {request.path}; see {PREFIX}openapi.json")
             raise
+        except StoreError as exc:
+            log.error("control API request failed: the state database refused it", method=request.method,
+                      path=request.path, error=str(exc))
+            return fail(503, "the state database cannot be used now (the daemon's log says why); try again later")
+        except Exception as exc:
+            # Knit's JSON shape and one log record, never aiohttp's text page and a bare traceback.
+            log.exception("control API request failed with an internal error; please report it",
+                          method=request.method, path=request.path)
+            return fail(500, f"internal error ({type(exc).__name__}) while handling {request.method} {request.path}; "
+                             "the daemon's log has the details")
 
     def _authorized(self, header: str) -> bool:
         scheme, _, token = header.partition(" ")
@@ -199,7 +212,11 @@ class ControlAPI:
                 return ok({"syncJobId": sync_id})  # the same body again: the same answer
             raise ApiError(409, f"sync {sync_id!r} exists with a different definition; stop it first or use another "
                                 "idempotencyId")
-        self._write(path, definition)
+        try:
+            self._write(path, definition)
+        except OSError as exc:
+            raise ApiError(500, f"cannot store the sync in api_config_dir {path.parent}: {exc.strerror or exc}; "
+                                "check that setting and the directory's permissions") from None
         loaded, problems = load_file(path, self.settings)
         if loaded is None:  # never expected: the same validation passed above
             path.unlink(missing_ok=True)
@@ -264,10 +281,13 @@ class ControlAPI:
             raise ApiError(400, f"unknown integration {name!r} in X-Knit-Integration-Id (known: {known})")
         merged = dict(body)
         api_key = next((k for k in _API_KEYS if k in merged), "apiDetails")
-        api = dict(merged.get(api_key) or {})
+        api = merged.get(api_key) or {}
+        if not isinstance(api, dict):
+            return merged  # not an object: validation reports it, as it does without an integration
+        api = dict(api)
         if integration.get("base_url") and not any(k in api for k in _BASE_KEYS):
             api["baseUrl"] = integration["base_url"]
-        if integration.get("headers"):
+        if integration.get("headers") and isinstance(api.get("headers") or {}, dict):
             api["headers"] = {**integration["headers"], **(api.get("headers") or {})}
         if integration.get("auth") and "auth" not in api:
             api["auth"] = integration["auth"]

@@ -7,10 +7,13 @@ import gzip
 from collections.abc import Awaitable, Callable
 
 import orjson
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from syncd.metrics import Metrics
+
+log = structlog.get_logger("syncd.server")
 
 
 class Exposition:
@@ -28,6 +31,21 @@ class Exposition:
             self._running = asyncio.ensure_future(asyncio.to_thread(self._metrics.render))
         # shield: a scraper that disconnects must not cancel the render the others wait for.
         return await asyncio.shield(self._running)
+
+
+@web.middleware
+async def internal_errors(request: web.Request, handler):
+    """A handler's unexpected error: a short 500 and one log record (a JSON line with its traceback
+    under `exception`), not aiohttp's own multi-line traceback through the logging module."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        log.exception("request failed with an internal error; please report it", method=request.method,
+                      path=request.path)
+        return web.Response(status=500, text=f"syncd: internal error ({type(exc).__name__}); the daemon's log has "
+                                             "the details\n")
 
 
 def build_app(metrics: Metrics, *, ready: Callable[[], tuple[bool, str]],
@@ -56,7 +74,7 @@ def build_app(metrics: Metrics, *, ready: Callable[[], tuple[bool, str]],
         return web.Response(body=orjson.dumps({"syncs": await syncs_status()}, option=orjson.OPT_INDENT_2),
                             content_type="application/json")
 
-    app = web.Application()
+    app = web.Application(middlewares=[internal_errors])
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -5,11 +5,20 @@ byte-identical response."""
 
 from __future__ import annotations
 
+import io
 import tomllib
 
-from test_control_api import KEY, LIST, call, seed_body
+import aiohttp
+import orjson
+import pytest
+import structlog
+from test_control_api import AUTH, KEY, LIST, call, env, seed_body
 
-from syncd import tomlw
+from syncd import logs, server, tomlw
+from syncd.api import ControlAPI
+from syncd.daemon import Daemon
+from syncd.metrics import Metrics
+from syncd.settings import load_settings
 
 from conftest import wait_for
 
@@ -35,3 +44,67 @@ async def test_start_body_with_a_delete_character_round_trips(upstream, receiver
     assert status == 200, answer
     await wait_for(lambda: upstream.requests, timeout=10)
     assert upstream.requests[0]["body"] == b'{"note": "a\x7fb\\u0001c"}'
+
+
+# -- 1. errors a handler did not expect ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("api_details", ["str", {"headers": "x"}, {"headers": [1]}, {"auth": "x"}])
+async def test_wrong_types_beside_an_integration_are_a_400_naming_them(api_details, upstream, receiver,
+                                                                       inproc_daemons, conf_dir, state_path):
+    d = await inproc_daemons(conf_dir, state_path, api_keys=[KEY],
+                             integrations={"hr": {"base_url": upstream.url, "headers": {"X-Tenant": "acme"},
+                                                  "auth": {"type": "bearer", "token": "t-0123456789"}}})
+    body = {**seed_body(upstream, receiver), "apiDetails": api_details}
+    status, answer = await call(d.address, "POST", "sync.custom.start", body,
+                                headers={**AUTH, "X-Knit-Integration-Id": "hr"})
+    assert status == 400 and answer["success"] is False, answer
+    key = "apiDetails" if api_details == "str" else f"apiDetails.{next(iter(api_details))}"
+    assert [p.split(":")[0] for p in answer["error"]["problems"]] == [key], answer
+    assert key in answer["error"]["msg"]
+    assert not [e for e in d.tap.entries if e.get("level") in ("error", "critical")]
+
+
+async def test_an_api_config_dir_that_cannot_be_made_is_a_json_500_and_one_log_line(
+        upstream, receiver, conf_dir, state_path, tmp_path, daemons):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    d = await daemons("--config-dir", str(conf_dir), "--state-path", str(state_path),
+                      env=env(SYNCD_API_CONFIG_DIR=str(blocker / "api.d")))
+    status, answer = await call(d.address, "POST", "sync.custom.start", seed_body(upstream, receiver))
+    assert status == 500 and answer["success"] is False, answer
+    assert "api_config_dir" in answer["error"]["msg"] and "Not a directory" in answer["error"]["msg"]
+    assert await d.stop() == 0
+    assert not [e for e in d.logs if e.get("raw")], "a log line that is not JSON"
+    errors = [e for e in d.logs if e.get("level") == "error"]
+    assert len(errors) == 1 and "api_config_dir" in errors[0]["error"], errors
+
+
+async def test_an_unexpected_error_is_a_json_500_and_one_json_log_record(state_path):
+    """The control API's guard and the other endpoints' catch-all, around handlers that raise."""
+    stream = io.StringIO()
+    saved = structlog.get_config()
+    logs.configure("json", "info", stream=stream)
+    settings = load_settings({"state_path": state_path, "api_keys": [KEY]})
+
+    async def boom(request):
+        raise RuntimeError("something syncd did not expect")
+
+    app = server.build_app(Metrics(), ready=lambda: (True, "ready"), syncs_status=lambda: None)
+    ControlAPI(Daemon(settings)).routes(app)
+    app.router.add_post("/v1.0/sync.custom.boom", boom)
+    app.router.add_get("/boom", boom)
+    runner = await server.start(app, "127.0.0.1", 0)
+    address = "{}:{}".format(*runner.addresses[0][:2])
+    try:
+        status, answer = await call(address, "POST", "sync.custom.boom", {})
+        assert status == 500 and answer["success"] is False, answer
+        assert "internal error (RuntimeError)" in answer["error"]["msg"]
+        async with aiohttp.ClientSession() as session, session.get(f"http://{address}/boom") as resp:
+            assert resp.status == 500 and "internal error (RuntimeError)" in await resp.text()
+    finally:
+        await runner.cleanup()
+        structlog.configure(**saved)
+    records = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(r["level"], r["path"]) for r in records] == [("error", "/v1.0/sync.custom.boom"), ("error", "/boom")]
+    assert all("something syncd did not expect" in orjson.dumps(r["exception"]).decode() for r in records)
