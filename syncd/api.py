@@ -90,14 +90,36 @@ def _drop_nulls(value: Any) -> Any:
 
 
 def redact(value: Any, key: str = "") -> Any:
-    """A definition without secrets: credential fields and header values become "***"."""
+    """A definition without secrets: credential fields and header values become "***", and so do
+    the query values and the userinfo password of URLs (webhook_url, base_url, path, token_url)."""
     if isinstance(value, dict):
         if key == "headers":
             return {k: "***" for k in value}
         return {k: ("***" if k in _SECRET_FIELDS and v else redact(v, k)) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v, key) for v in value]
+    if isinstance(value, str) and (key == "path" or key.lower().endswith("url")):
+        return redact_url(value)
     return value
+
+
+def redact_url(url: str) -> str:
+    """`url` with every query value and the userinfo password masked, the names kept
+    (`https://u:***@h/p?token=***&page=***`): a token travels in a query string as often as in a
+    header. Done on the text, so that the rest reads exactly as it was written."""
+    head, hash_, fragment = url.partition("#")
+    base, question, query = head.partition("?")
+    scheme, sep, rest = base.partition("://")
+    if sep:
+        authority, slash, path = rest.partition("/")
+        userinfo, at, host = authority.rpartition("@")
+        if at and ":" in userinfo:
+            authority = userinfo.split(":", 1)[0] + ":***@" + host
+        base = scheme + sep + authority + slash + path
+    if question:
+        query = "&".join(f"{name}=***" if value else part
+                         for part in query.split("&") for name, _, value in [part.partition("=")])
+    return base + question + query + hash_ + fragment
 
 
 class ControlAPI:

@@ -108,3 +108,32 @@ async def test_an_unexpected_error_is_a_json_500_and_one_json_log_record(state_p
     records = [orjson.loads(line) for line in stream.getvalue().splitlines()]
     assert [(r["level"], r["path"]) for r in records] == [("error", "/v1.0/sync.custom.boom"), ("error", "/boom")]
     assert all("something syncd did not expect" in orjson.dumps(r["exception"]).decode() for r in records)
+
+
+# -- 3. secrets in URLs --------------------------------------------------------------------------
+
+
+async def test_get_and_the_operator_page_mask_query_values_and_passwords_in_urls(upstream, receiver, inproc_daemons,
+                                                                                conf_dir, state_path):
+    d = await inproc_daemons(conf_dir, state_path, api_keys=[KEY])
+    hook_port = receiver.url.rsplit(":", 1)[1]
+    body = seed_body(upstream, receiver, webhookURL=f"http://hook:hook-pass-123@127.0.0.1:{hook_port}/hook"
+                                                    "?token=hook-token-123&v=2&flag")
+    body["apiDetails"] = {"baseUrl": upstream.url.replace("//", "//api:api-pass-123@"),
+                          "path": "/api/v1/employees?api_key=path-key-123&page=1"}
+    status, answer = await call(d.address, "POST", "sync.custom.start", body)
+    assert status == 200, answer
+    status, answer = await call(d.address, "GET", "sync.custom.get?syncJobId=employees")
+    assert status == 200, answer
+    definition = answer["data"]["definition"]
+    assert definition["webhook_url"] == f"http://hook:***@127.0.0.1:{hook_port}/hook?token=***&v=***&flag"
+    assert definition["api_details"]["base_url"] == upstream.url.replace("//", "//api:***@")
+    assert definition["api_details"]["path"] == "/api/v1/employees?api_key=***&page=***"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://{d.address}/syncs/employees", headers=AUTH) as resp:
+            assert resp.status == 200
+            page = await resp.text()
+    assert "api_key=***" in page and "token=***" in page
+    for text in (orjson.dumps(answer).decode(), page):
+        for secret in ("hook-pass-123", "hook-token-123", "api-pass-123", "path-key-123"):
+            assert secret not in text
