@@ -9,6 +9,7 @@ that validates config_dir files, so it survives restarts and shows everywhere a 
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import hmac
 import os
@@ -34,6 +35,7 @@ log = structlog.get_logger("syncd.api")
 PREFIX = "/v1.0/"
 MAX_BODY = 1024 * 1024
 SOURCE = "request body"
+STOP_WAIT = 10.0  # seconds sync.custom.stop waits for a poll under way to finish
 #: Knit's camelCase names and our snake_case ones: the keys that hold the sync id and the request.
 _ID_KEYS = ("idempotencyId", "idempotency_id")
 _API_KEYS = ("apiDetails", "api_details")
@@ -280,9 +282,24 @@ class ControlAPI:
         sync = self.daemon.syncs[sync_id]
         if sync.origin != "api":
             raise ApiError(409, f"sync {sync_id!r} is defined by the file {sync.file}; remove the file to stop it")
+        # A poll under way would commit after the reset below (or, refused, poll again at once):
+        # the state of the stopped sync would come back. Let it finish first; then no await comes
+        # between the check and taking the sync off the schedule, so none can start meanwhile.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_WAIT
+        while self.daemon.next_polls().get(sync_id, 0.0) is None:
+            if loop.time() > deadline:
+                raise ApiError(409, f"sync {sync_id!r} is being polled and the poll has not finished within "
+                                    f"{STOP_WAIT:g} s; try again shortly")
+            await asyncio.sleep(0.05)
         sync.file.unlink(missing_ok=True)
         self.daemon.apply_config()
-        log.info("sync stopped through the control API", sync=sync_id)
+        # Forget it: a later start with this id is a new sync (an initial_sync, not paused), not
+        # a delta against records its webhook never got. Queued events are still delivered.
+        await self.daemon.store.reset(sync_id)
+        await self.daemon.store.set_paused(sync_id, False)
+        self.daemon.registry.set_paused(sync_id, False)
+        log.info("sync stopped through the control API; its state is forgotten", sync=sync_id)
         return ok({"syncJobId": sync_id, "stopped": True})
 
     async def openapi(self, request: web.Request) -> web.Response:

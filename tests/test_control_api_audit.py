@@ -137,3 +137,73 @@ async def test_get_and_the_operator_page_mask_query_values_and_passwords_in_urls
     for text in (orjson.dumps(answer).decode(), page):
         for secret in ("hook-pass-123", "hook-token-123", "api-pass-123", "path-key-123"):
             assert secret not in text
+
+
+# -- 4. stop, then start again under the same id ---------------------------------------------------
+
+EMPLOYEES = "/api/v1/employees"
+
+
+def items(*ids):
+    return {"items": [{"id": i, "name": f"n{i}"} for i in ids]}
+
+
+def summary(events, run_ids):
+    return sorted((e["syncType"], e["eventType"], e["recordId"]) for e in events if e["syncRunId"] in run_ids)
+
+
+async def test_a_stopped_sync_is_forgotten_but_its_queued_events_are_delivered(backend, upstream, receiver,
+                                                                              inproc_daemons, conf_dir):
+    upstream.bodies[EMPLOYEES] = items(1, 2)
+    gate = {"open": False}
+    receiver.respond = lambda entry: None if gate["open"] else (503, {})  # the old events stay queued
+    d = await inproc_daemons(conf_dir, backend["state_path"], state_url=backend.get("state_url"), api_keys=[KEY],
+                             webhook_retry_schedule=["200ms"] * 100)
+    body = seed_body(upstream, receiver, interval="1h")
+    status, answer = await call(d.address, "POST", "sync.custom.start", body)
+    assert status == 200, answer
+    await wait_for(lambda: {r["event"]["recordId"] for r in receiver.received} == {"1", "2"}, timeout=15)
+    old_runs = {r["event"]["syncRunId"] for r in receiver.received}
+    for endpoint in ("pause", "stop"):
+        status, answer = await call(d.address, "POST", f"sync.custom.{endpoint}", {"syncJobId": "employees"})
+        assert status == 200, answer
+
+    # The same id again, the API's list changed meanwhile: a new sync, from scratch.
+    upstream.bodies[EMPLOYEES] = items(2, 3)
+    status, answer = await call(d.address, "POST", "sync.custom.start", body)
+    assert status == 200, answer
+    status, answer = await call(d.address, "POST", "sync.custom.trigger", {"syncJobId": "employees"})
+    assert status == 200, answer  # not paused
+    status, answer = await call(d.address, "GET", "sync.custom.get?syncJobId=employees")
+    assert answer["data"]["paused"] is False
+    gate["open"] = True
+    await wait_for(lambda: len(receiver.delivered()) >= 4, timeout=20)
+    delivered = receiver.delivered()
+    assert summary(delivered, old_runs) == [("initial_sync", "record.new", "1"), ("initial_sync", "record.new", "2")]
+    new_runs = {e["syncRunId"] for e in delivered} - old_runs
+    assert summary(delivered, new_runs) == [("initial_sync", "record.new", "2"), ("initial_sync", "record.new", "3")]
+    runs = await d.daemon.store.runs("employees", 10)
+    first_new = [r for r in runs if r.run_id in new_runs]
+    assert [(r.sync_type, r.new, r.deleted) for r in first_new] == [("initial_sync", 2, 0)]
+
+
+async def test_stop_during_a_poll_leaves_nothing_of_it_behind(upstream, receiver, inproc_daemons, conf_dir,
+                                                             state_path):
+    upstream.bodies["/slow"] = items(1, 2)
+    upstream.delays["/slow"] = 0.6
+    upstream.bodies[EMPLOYEES] = items(2, 3)
+    d = await inproc_daemons(conf_dir, state_path, api_keys=[KEY])
+    old = seed_body(upstream, receiver, interval="1h")
+    old["apiDetails"]["path"] = "/slow"
+    status, answer = await call(d.address, "POST", "sync.custom.start", old)
+    assert status == 200, answer
+    await wait_for(lambda: upstream.inflight.get("/slow"), timeout=10)
+    status, answer = await call(d.address, "POST", "sync.custom.stop", {"syncJobId": "employees"})
+    assert status == 200, answer
+    status, answer = await call(d.address, "POST", "sync.custom.start", seed_body(upstream, receiver, interval="1h"))
+    assert status == 200, answer
+    await wait_for(lambda: any(e["recordId"] == "3" for e in receiver.delivered()), timeout=15)
+    # The new sync's first run is an initial sync of what its API says, whatever the stopped
+    # sync's last poll did.
+    newest = (await d.daemon.store.runs("employees", 1))[0]
+    assert (newest.outcome, newest.sync_type, newest.new, newest.deleted) == ("changed", "initial_sync", 2, 0), newest
