@@ -40,7 +40,6 @@ STOP_WAIT = 10.0  # seconds sync.custom.stop waits for a poll under way to finis
 _ID_KEYS = ("idempotencyId", "idempotency_id")
 _API_KEYS = ("apiDetails", "api_details")
 _BASE_KEYS = ("baseUrl", "baseURL", "base_url")
-_WEBHOOK_KEYS = ("webhookURL", "webhookUrl", "webhook_url")
 _SECRET_FIELDS = {"token", "password", "value", "client_secret", "webhook_secret", "webhookSecret", "clientSecret"}
 
 
@@ -212,21 +211,23 @@ class ControlAPI:
         body = await self._json(request)
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object (Knit's sync.custom.start body)")
+        # Only what the caller sent is escaped: an integration comes from the daemon's settings, and
+        # its ${NAME} references stay in the stored file, resolved at load like any file's.
+        body = escape_vars(_drop_nulls(body))
         definition = self._with_integration(body, request.headers.get("X-Knit-Integration-Id"))
-        definition = escape_vars(_drop_nulls(definition))
         sync_id = next((definition[k] for k in _ID_KEYS if k in definition), None)
         generated = sync_id is None
         if generated:
             sync_id = new_id("sync")
         elif not isinstance(sync_id, str):
             raise ApiError(400, "idempotencyId: must be a string")
-        self._check_hosts(definition)
         path = self.settings.api_dir / f"{sync_id}.toml"
         sync, problems = parse_definition(definition, self.settings, source=SOURCE, default_id=sync_id, file=path,
                                           origin="api")
         if problems:
             raise ApiError(400, f"the definition has {len(problems)} problem{'s' * (len(problems) != 1)}: "
                            + "; ".join(f"{p.key}: {p.reason}" for p in problems), [f"{p.key}: {p.reason}" for p in problems])
+        self._check_hosts(sync)
         sync_id = sync.id
         existing = self.daemon.syncs.get(sync_id)
         if existing is not None and existing.origin != "api":
@@ -333,20 +334,13 @@ class ControlAPI:
         merged[api_key] = api
         return merged
 
-    def _check_hosts(self, definition: dict[str, Any]) -> None:
+    def _check_hosts(self, sync: Sync) -> None:
+        """api_allowed_hosts, checked on the URLs as polled (an integration's ${NAME} resolved)."""
         patterns = self.settings.api_allowed_hosts
         if not patterns:
             return
-        api = next((definition[k] for k in _API_KEYS if k in definition), {}) or {}
-        urls = [("apiDetails.baseUrl", next((api[k] for k in _BASE_KEYS if isinstance(api, dict) and k in api), None)),
-                ("webhookURL", next((definition[k] for k in _WEBHOOK_KEYS if k in definition), None))]
-        for key, url in urls:
-            if not isinstance(url, str):
-                continue
-            try:
-                host = (URL(url).host or "").lower()
-            except ValueError:
-                continue  # validation reports it
+        for key, url in (("apiDetails.baseUrl", sync.spec.api_details.base_url), ("webhookURL", sync.spec.webhook_url)):
+            host = (URL(url).host or "").lower()
             if not any(fnmatch.fnmatchcase(host, p.lower()) for p in patterns):
                 raise ApiError(400, f"{key}: host {host!r} is not in api_allowed_hosts")
 

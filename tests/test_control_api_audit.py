@@ -207,3 +207,31 @@ async def test_stop_during_a_poll_leaves_nothing_of_it_behind(upstream, receiver
     # sync's last poll did.
     newest = (await d.daemon.store.runs("employees", 1))[0]
     assert (newest.outcome, newest.sync_type, newest.new, newest.deleted) == ("changed", "initial_sync", 2, 0), newest
+
+
+# -- 5. ${NAME} in integrations ------------------------------------------------------------------
+
+
+async def test_an_integrations_names_are_read_from_the_daemons_environment(upstream, receiver, conf_dir, state_path,
+                                                                          tmp_path, daemons):
+    upstream.body = LIST
+    settings = tmp_path / "syncd.toml"
+    settings.write_text('[integrations.hr]\nbase_url = "${HR_BASE}"\nheaders = { X-Tenant = "${HR_TENANT}" }\n'
+                        '[integrations.hr.auth]\ntype = "bearer"\ntoken = "${HR_TOKEN}"\n')
+    d = await daemons("--config-dir", str(conf_dir), "--state-path", str(state_path), "--settings", str(settings),
+                      "--api-allowed-hosts", "127.0.0.1",
+                      env=env(HR_BASE=upstream.url, HR_TENANT="acme", HR_TOKEN="hr-token-0123456789"))
+    body = seed_body(upstream, receiver)
+    body["apiDetails"] = {"path": EMPLOYEES, "headers": {"X-Body": "${HR_TOKEN}"}}
+    status, answer = await call(d.address, "POST", "sync.custom.start", body, headers={**AUTH, "X-Knit-Integration-Id": "hr"})
+    assert status == 200, answer
+    await wait_for(lambda: upstream.hits(EMPLOYEES), timeout=10)
+    headers = upstream.hits(EMPLOYEES)[0]["headers"]
+    assert headers["Authorization"] == "Bearer hr-token-0123456789" and headers["X-Tenant"] == "acme"
+    assert headers["X-Body"] == "${HR_TOKEN}"  # the caller's own ${...} is still taken literally
+    stored = (state_path.parent / "api.d" / "employees.toml").read_text()
+    assert "${HR_TOKEN}" in stored and "hr-token-0123456789" not in stored
+    status, answer = await call(d.address, "GET", "sync.custom.get?syncJobId=employees")
+    assert status == 200 and "hr-token-0123456789" not in orjson.dumps(answer).decode()
+    assert await d.stop() == 0
+    assert "hr-token-0123456789" not in orjson.dumps(d.logs).decode()
