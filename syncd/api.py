@@ -272,7 +272,7 @@ class ControlAPI:
 
     async def trigger(self, request: web.Request) -> web.Response:
         sync_id = await self._sync_id(request)
-        if sync_id in self.daemon.registry.paused:
+        if await self.daemon.is_paused(sync_id):
             raise ApiError(409, f"sync {sync_id!r} is paused; resume it first")
         if not self.daemon.trigger(sync_id):
             raise ApiError(409, f"sync {sync_id!r} cannot be polled now (the daemon is stopping or its state is lost)")

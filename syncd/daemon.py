@@ -601,6 +601,14 @@ class Daemon:
         self.registry.set_paused(sync_id, paused)
         log.info("sync paused" if paused else "sync resumed", sync=sync_id)
 
+    async def is_paused(self, sync_id: str) -> bool:
+        """Whether a sync is paused now. With several instances the state database is the truth:
+        a pause or resume through another instance reaches this one's registry only at its next
+        lease renewal, so it is read afresh (and the registry follows it at once)."""
+        if self.settings.state_url is not None:
+            self.registry.replace_paused(await self._store.paused())
+        return sync_id in self.registry.paused
+
     @property
     def store(self) -> StateStore:
         return self._store

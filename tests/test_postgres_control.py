@@ -48,3 +48,29 @@ async def test_pause_and_trigger_through_an_instance_that_does_not_poll_the_sync
     assert 'syncd_sync_owned{sync="one"} 1.0' in owner_text
     assert 'syncd_sync_owned{sync="one"} 0.0' in other_text
     assert f'syncd_instance_info{{backend="postgresql",instance_id="{owner}"}} 1.0' in owner_text
+
+
+async def test_trigger_right_after_a_pause_or_resume_through_another_instance(
+        pg_url, inproc_daemons, upstream, conf_dir, tmp_path):
+    """The owner's registry follows the database only at its lease renewals: its trigger must ask
+    the database, or a sync paused a moment ago through another instance is polled."""
+    upstream.body = {"items": [{"id": 1}]}
+    write_sync(conf_dir, "one", upstream.url, path="/one", extra='interval = "1h"',
+               list_identifier="$.items", record_identifier="$.id")
+    common = dict(state_url=pg_url, lease_ttl=30, api_keys=[KEY])  # renewals 10 s apart: none in between
+    a = await inproc_daemons(conf_dir, tmp_path / "a.db", instance_id="a", **common)
+    await wait_for(lambda: upstream.hits("/one"), 15)
+    b = await inproc_daemons(conf_dir, tmp_path / "b.db", instance_id="b", **common)
+    assert a.daemon._owned == {"one"}
+
+    status, answer = await call(b.address, "POST", "sync.custom.pause", {"syncJobId": "one"})
+    assert status == 200
+    status, answer = await call(a.address, "POST", "sync.custom.trigger", {"syncJobId": "one"})
+    assert status == 409 and "paused" in answer["error"]["msg"], answer
+
+    hits = len(upstream.hits("/one"))
+    status, answer = await call(b.address, "POST", "sync.custom.resume", {"syncJobId": "one"})
+    assert status == 200
+    status, answer = await call(a.address, "POST", "sync.custom.trigger", {"syncJobId": "one"})
+    assert status == 200 and answer["data"]["triggered"] is True, answer
+    await wait_for(lambda: len(upstream.hits("/one")) > hits, 15)
