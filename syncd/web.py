@@ -83,12 +83,12 @@ def when(ts: float | None, now: float) -> str:
     return f'{e(stamp)} <span class="muted">({e(ago(ts, now))})</span>'
 
 
-def page(title: str, body: str, *, refresh: int | None = None) -> web.Response:
+def page(title: str, body: str, *, refresh: int | None = None, status: int = 200) -> web.Response:
     meta = f'<meta http-equiv="refresh" content="{refresh}">' if refresh else ""
     text = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
             f'<meta name="viewport" content="width=device-width,initial-scale=1">{meta}'
             f"<style>{STYLE}</style></head><body>{body}</body></html>")
-    return web.Response(text=text, content_type="text/html", headers=HEADERS)
+    return web.Response(text=text, status=status, content_type="text/html", headers=HEADERS)
 
 
 def state_of(view: dict, invalid: bool) -> tuple[str, str]:
@@ -187,7 +187,8 @@ class WebPage:
         sync_id = request.match_info["sync_id"]
         sync = daemon.syncs.get(sync_id)
         if sync is None:
-            return page("syncd: no such sync", f"<h1>No sync {e(sync_id)}</h1><p><a href=\"/\">All syncs</a></p>")
+            return page("syncd: no such sync", f"<h1>No sync {e(sync_id)}</h1><p><a href=\"/\">All syncs</a></p>",
+                        status=404)
         view = await daemon.sync_status(sync_id)
         runs = await daemon.store.all_runs(sync_id)
         dead = await daemon.store.deliveries(sync_id=sync_id, dead_only=True, limit=50)

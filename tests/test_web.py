@@ -119,8 +119,11 @@ async def test_headers_escape_and_keys(site, conf_dir, state_path):
             assert resp.headers["X-Content-Type-Options"] == "nosniff"
             text = await resp.text()
         assert "<script" not in text and "&lt;script&gt;" in text
+        # An unknown sync is a 404 (a monitor or a bookmark must see it is gone), its name escaped.
         async with session.get(site + "/syncs/" + "%3Cscript%3E") as resp:
-            assert resp.status == 200 and "<script>" not in await resp.text()
+            text = await resp.text()
+            assert resp.status == 404 and "<script>" not in text and "No sync &lt;script&gt;" in text
+            assert resp.headers["Content-Security-Policy"] == csp
 
 
 async def test_the_page_asks_for_a_key_when_api_keys_are_set(upstream, receiver, conf_dir, state_path):
