@@ -29,6 +29,7 @@ from syncd.records import may_need_exact, parse_document, parse_json, split_list
 from syncd.source.fetcher import Fetch, Page, Source
 from syncd.source.paginate import next_page_hint
 from syncd.store import (
+    RUNS_KEPT,
     Commit,
     LeaseLost,
     OutboxEvent,
@@ -325,6 +326,8 @@ class _Run:
     #: confirmed (a response identical to the last one must still count a missing record again).
     short_cuts: bool
     accept_deletes: bool
+    #: (invalid_ids, duplicate_ids) of the last good run, which a short cut skips again.
+    skips: tuple[int, int] = (0, 0)
 
 
 async def _poll(sync: Sync, store: StateStore | None, source: Source, dry_run: bool, result: RunResult, started: float,
@@ -333,8 +336,10 @@ async def _poll(sync: Sync, store: StateStore | None, source: Source, dry_run: b
     same_shape = state is not None and state.baselined and state.shape == sync.shape
     initial = state is None or not state.baselined
     short_cuts = same_shape and state.pending_deletes == 0 and state.keeps_records == sync.spec.keep_records
+    skips = await _last_skips(store, sync.id) if short_cuts else None
+    short_cuts = skips is not None
     run = _Run(sync, store, state, result, started, dry_run, initial, not initial and not same_shape, short_cuts,
-               accept_deletes)
+               accept_deletes, skips or (0, 0))
     # Validators of the last good response, only for the same definition (a new URL or new
     # headers must never be answered "not modified" on the strength of the old one's ETag).
     validators = None
@@ -348,6 +353,18 @@ async def _poll(sync: Sync, store: StateStore | None, source: Source, dry_run: b
             await _poll_pages(run, fetch)
     finally:
         result.pages, result.requests = fetch.pages_fetched, fetch.requests
+
+
+async def _last_skips(store: StateStore, sync_id: str) -> tuple[int, int] | None:
+    """(invalid_ids, duplicate_ids) of the sync's last successful run. A byte-identical response
+    (or a 304) is the one that run read, or read by a short cut that carried its counts on: it
+    skips the same records again. None if the kept history has no successful run any more (then
+    the response is parsed: its counts are never guessed)."""
+    runs = await store.runs(sync_id, 1)
+    if runs and runs[0].outcome == "failed":
+        runs = await store.runs(sync_id, RUNS_KEPT)
+    good = next((r for r in runs if r.outcome != "failed"), None)
+    return (good.invalid_ids, good.duplicate_ids) if good is not None else None
 
 
 async def _poll_one(run: _Run, fetch: Fetch) -> None:
@@ -433,6 +450,7 @@ async def _unchanged(run: _Run, validators: dict[str, str] | None) -> None:
     result, state, sync = run.result, run.state, run.sync
     result.outcome, result.sync_type, result.records = "unchanged", DELTA, state.record_count
     result.warning = state.last_warning  # the reason deletes were held still stands
+    result.invalid_ids, result.duplicate_ids = run.skips  # the same records are skipped again
     events = _processed(sync, result, [], tally=EventType.ALL_CONSUMED in sync.spec.events)
     result.outbox = events
     if run.store is not None and not run.dry_run:

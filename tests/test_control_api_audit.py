@@ -5,6 +5,7 @@ byte-identical response."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import tomllib
 
@@ -235,3 +236,38 @@ async def test_an_integrations_names_are_read_from_the_daemons_environment(upstr
     assert status == 200 and "hr-token-0123456789" not in orjson.dumps(answer).decode()
     assert await d.stop() == 0
     assert "hr-token-0123456789" not in orjson.dumps(d.logs).decode()
+
+
+# -- 7. sync.events.processed on a byte-identical response ----------------------------------------
+
+
+async def test_processed_counts_the_skipped_records_of_a_byte_identical_response(upstream, receiver, inproc_daemons,
+                                                                                conf_dir, state_path):
+    # One record without an id, one duplicate: two skipped, every run.
+    upstream.bodies[EMPLOYEES] = {"items": [{"id": 1}, {"id": 2}, {"name": "no id"}, {"id": 2}]}
+    d = await inproc_daemons(conf_dir, state_path, api_keys=[KEY])
+    events = ["record.new", "record.modified", "record.deleted", "sync.events.processed"]
+    body = seed_body(upstream, receiver, interval="200ms", events=events)
+    body["apiDetails"]["retry"] = {"retries": 0}
+    status, answer = await call(d.address, "POST", "sync.custom.start", body)
+    assert status == 200, answer
+
+    def processed():
+        return [e["eventData"] for e in receiver.delivered() if e["eventType"] == "sync.events.processed"]
+
+    await wait_for(lambda: len(processed()) >= 3, timeout=15)
+    # A failed run between byte-identical ones: the counts are those of the last good run.
+    upstream.status = 500
+    for _ in range(300):  # bounded: until a failed run is recorded
+        if (await d.daemon.store.runs("employees", 1))[0].outcome == "failed":
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("no failed run recorded")
+    upstream.status = 200
+    seen = len(processed())
+    await wait_for(lambda: len(processed()) >= seen + 2, timeout=15)
+    data = processed()
+    assert data[0]["outcome"] == "changed" and data[-1]["outcome"] == "unchanged"
+    assert [p["skipped"] for p in data] == [2] * len(data), data
+    assert [p["recordsProcessed"] for p in data] == [2] * len(data), data
