@@ -339,7 +339,12 @@ class ControlAPI:
         patterns = self.settings.api_allowed_hosts
         if not patterns:
             return
-        for key, url in (("apiDetails.baseUrl", sync.spec.api_details.base_url), ("webhookURL", sync.spec.webhook_url)):
+        api = sync.spec.api_details
+        urls = [("apiDetails.baseUrl", api.base_url), ("webhookURL", sync.spec.webhook_url)]
+        if api.auth is not None and api.auth.token_url:
+            # Where the client secret goes: an integration's credentials must not follow a caller's URL.
+            urls.append(("apiDetails.auth.token_url", api.auth.token_url))
+        for key, url in urls:
             host = (URL(url).host or "").lower()
             if not any(fnmatch.fnmatchcase(host, p.lower()) for p in patterns):
                 raise ApiError(400, f"{key}: host {host!r} is not in api_allowed_hosts")

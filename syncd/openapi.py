@@ -114,7 +114,7 @@ def document() -> dict[str, Any]:
             "/v1.0/sync.custom.pause": _post("Stop polling a sync (kept across restarts)", _JOB, 404),
             "/v1.0/sync.custom.resume": _post("Poll a paused sync again", _JOB, 404),
             "/v1.0/sync.custom.trigger": _post("Poll a sync now (409 while paused)", _JOB, 404, 409),
-            "/v1.0/sync.custom.stop": _post("Remove an API-created sync (409 for file-defined ones)", _JOB, 404, 409),
+            "/v1.0/sync.custom.stop": _post("Remove an API-created sync and forget its state: a later start with its id is a new sync (409 for file-defined ones)", _JOB, 404, 409),
             "/v1.0/openapi.json": {"get": {"summary": "This document",
                                            "responses": {"200": {"description": "OpenAPI 3 document",
                                                                  "content": {"application/json": {"schema": {"type": "object"}}}},

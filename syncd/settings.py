@@ -109,7 +109,7 @@ class Settings(BaseSettings):
         default_factory=list, description="Keys of the Knit-compatible control API under /v1.0/ (off while empty): JSON or comma-separated, or $CREDENTIALS_DIRECTORY/api_keys with one key a line. A flag shows in ps: prefer the credential.")
     api_config_dir: Path | None = Field(None, description="Where syncs created through the control API are kept as TOML files. Default: api.d beside the state database.")
     api_allowed_hosts: Annotated[list[str], NoDecode, BeforeValidator(_split_list)] = Field(
-        default_factory=list, description="Host patterns (fnmatch: api.example.com, *.example.com) that base and webhook URLs of API-created syncs must match; empty: any host.")
+        default_factory=list, description="Host patterns (fnmatch: api.example.com, *.example.com) that base, webhook and OAuth2 token URLs of API-created syncs must match; empty: any host.")
     integrations: dict[str, dict[str, Any]] = Field(default_factory=dict, description="[integrations.NAME] tables (settings file only): base_url, headers and auth for control-API syncs that name the integration in X-Knit-Integration-Id.")
     state_url: SecretStr | None = Field(None, description="postgresql://USER[:PASSWORD]@HOST[:PORT]/DB: keep the state in PostgreSQL instead of the state_path file, so that several syncd instances share the syncs (each polled by one instance at a time under a lease). Prefer $CREDENTIALS_DIRECTORY/state_url or the environment when it holds a password.")
     lease_ttl: Duration = Field(30.0, ge=3, le=3600, description="With state_url: how long an instance's lease on a sync lasts without renewal (renewed every third of it); a dead instance's syncs move to the others after this.")

@@ -244,6 +244,12 @@ async def test_integrations_and_allowed_hosts(upstream, receiver, conf_dir, stat
     outside = seed_body(upstream, receiver, idempotencyId="outside", webhookURL="https://hooks.example.com/x")
     status, answer = await call(d.address, "POST", "sync.custom.start", outside)
     assert status == 400 and "api_allowed_hosts" in answer["error"]["msg"]
+    # The token endpoint is where client credentials go: it is held to the same hosts.
+    token = seed_body(upstream, receiver, idempotencyId="token")
+    token["apiDetails"]["auth"] = {"type": "oauth2_client_credentials", "token_url": "https://evil.example.com/token",
+                                   "client_id": "c", "client_secret": "s" * 16}
+    status, answer = await call(d.address, "POST", "sync.custom.start", token)
+    assert status == 400 and "token_url: host 'evil.example.com' is not in api_allowed_hosts" in answer["error"]["msg"], answer
     # ${NAME} in a body is taken literally, never read from the daemon's environment.
     sneaky = seed_body(upstream, receiver, idempotencyId="sneaky")
     sneaky["apiDetails"]["headers"] = {"X-Leak": "${HOME}"}
