@@ -124,9 +124,9 @@ def split_list(body: Any, steps: tuple[str | int, ...]) -> tuple[list[msgspec.Ra
         for i, key in enumerate(HINT_KEYS):
             value = getattr(found, f"hint{i}")
             if value is not None:
-                try:
-                    hints[key] = orjson.loads(memoryview(value))
-                except orjson.JSONDecodeError:
+                try:  # as the whole document would give it: a number beyond a double stays exact
+                    hints[key] = parse_document(bytes(value))[0]
+                except ParseError:
                     return None
         for _ in steps:
             found = found.value

@@ -171,3 +171,14 @@ def test_event_ids_of_a_run_are_unique_ascending_and_well_formed():
     assert len(set(ids)) == 10_000 and ids == sorted(ids) and new_ids("evt", 0) == []
     assert not set(ids) & set(new_ids("evt", 10_000))  # another run in the same millisecond
     assert all(len(i) == 36 and i.startswith("evt_") and int(i[4:], 16) >= 0 for i in ids)
+
+
+def test_a_hint_beyond_a_double_reads_the_same_both_ways():
+    # Found by the property test above: the record-by-record path parsed a hint with plain orjson
+    # (-9.223372036854776e+18), the whole document exactly (-9223372036854775809).
+    for value in (b"-9223372036854775809", b"123456789012345678901234567890", b"1.5", b"1e400"):
+        body = b'{"items": [{"id": 1}], "next": ' + value + b"}"
+        both_ways(body, "$.items", "$.id")
+        document, _ = parse_document(body)
+        assert next_page_hint(None, split_list(body, compile_path("$.items").steps)[1]) == next_page_hint(None, document)
+        assert value.decode() in next_page_hint(None, document)

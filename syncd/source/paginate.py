@@ -16,6 +16,7 @@ from yarl import URL
 
 from syncd.errors import FetchError
 from syncd.jsonpath import MISSING, JsonPath, compile_path
+from syncd.records import ExactNumber
 
 
 @dataclass
@@ -178,7 +179,7 @@ class Paginator:
 def _show(value: Any) -> str:
     if value is MISSING:
         return "missing"
-    text = repr(value)
+    text = str.__str__(value) if type(value) is ExactNumber else repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
