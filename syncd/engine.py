@@ -336,7 +336,14 @@ async def _poll(sync: Sync, store: StateStore | None, source: Source, dry_run: b
     same_shape = state is not None and state.baselined and state.shape == sync.shape
     initial = state is None or not state.baselined
     short_cuts = same_shape and state.pending_deletes == 0 and state.keeps_records == sync.spec.keep_records
-    skips = await _last_skips(store, sync.id) if short_cuts else None
+    skips = None
+    if short_cuts:
+        key = (sync.id, state.shape, state.body_hash)
+        skips = _SKIPS.get(key)
+        if skips is None:  # once per sync and process: then each run that reads a body notes its own
+            skips = await _last_skips(store, sync.id)
+            if skips is not None:
+                _note_skips(key, skips)
     short_cuts = skips is not None
     run = _Run(sync, store, state, result, started, dry_run, initial, not initial and not same_shape, short_cuts,
                accept_deletes, skips or (0, 0))
@@ -353,6 +360,20 @@ async def _poll(sync: Sync, store: StateStore | None, source: Source, dry_run: b
             await _poll_pages(run, fetch)
     finally:
         result.pages, result.requests = fetch.pages_fetched, fetch.requests
+
+
+#: (sync id, shape, body hash) -> (invalid_ids, duplicate_ids) of the run that read that body: a
+#: short cut of the same bytes skips the same records again, without a query each poll (at 10,000
+#: syncs that query was a tenth of the daemon's CPU). Keyed by the body, so a run by another
+#: instance cannot leave a stale entry behind.
+_SKIPS: dict[tuple[str, str | None, bytes | None], tuple[int, int]] = {}
+_SKIPS_KEPT = 50_000
+
+
+def _note_skips(key: tuple[str, str | None, bytes | None], skips: tuple[int, int]) -> None:
+    _SKIPS[key] = skips
+    if len(_SKIPS) > _SKIPS_KEPT:
+        del _SKIPS[next(iter(_SKIPS))]  # the oldest
 
 
 async def _last_skips(store: StateStore, sync_id: str) -> tuple[int, int] | None:
@@ -554,6 +575,7 @@ async def _finish(run: _Run, snap: diff.Snapshot, body_hash: bytes, validators: 
             raise
         except StateConflict as exc:
             raise CommitError(str(exc)) from None
+        _note_skips((sync.id, sync.shape, body_hash), (result.invalid_ids, result.duplicate_ids))
     if big:
         _schedule_trim()
     log.info("poll done", outcome=result.outcome, records=result.records, new=result.new,
