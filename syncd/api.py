@@ -153,6 +153,9 @@ class ControlAPI:
             return fail(401, "missing or wrong API key: send Authorization: Bearer <key> (one of api_keys)")
         if request.content_length is not None and request.content_length > MAX_BODY:
             return fail(413, f"the body is larger than {MAX_BODY} bytes")
+        if request.method == "POST" and self.daemon.state_lost is not None:
+            # A change now would go to a file nobody sees, and be gone at the restart.
+            return fail(503, f"{self.daemon.state_lost}; nothing can be changed until syncd is restarted")
         try:
             return await handler(request)
         except ApiError as exc:

@@ -580,6 +580,11 @@ class Daemon:
             self._scheduler.update({})
         self.notifier.status(self._state_lost)
 
+    @property
+    def state_lost(self) -> str | None:
+        """Why the state database can no longer be written (deleted or replaced under the daemon)."""
+        return self._state_lost
+
     def _readiness(self) -> tuple[bool, str]:
         if self._state_lost is not None:
             return False, f"not ready: {self._state_lost}; restart syncd"

@@ -104,7 +104,8 @@ async def test_a_state_database_deleted_under_the_daemon_is_noticed(upstream, re
     upstream.body = {"items": [{"id": 1}]}
     write_sync(conf_dir, "a", upstream.url, path="/a", list_identifier="$.items", record_identifier="$.id",
                extra='interval = "1s"')
-    d = await daemons("--config-dir", str(conf_dir), "--state-path", str(state_path))
+    key = "k" * 24
+    d = await daemons("--config-dir", str(conf_dir), "--state-path", str(state_path), env=cli_env(SYNCD_API_KEYS=key))
     await wait_for(lambda: len(upstream.hits("/a")) >= 1, timeout=10)
     state_path.unlink()
     await wait_for(lambda: d.events("state database lost; polling stopped"), timeout=10)
@@ -112,6 +113,12 @@ async def test_a_state_database_deleted_under_the_daemon_is_noticed(upstream, re
     assert lost["problem"] == "deleted" and str(state_path) in lost["state"]
     async with aiohttp.ClientSession() as session, session.get(f"http://{d.address}/readyz") as resp:
         assert resp.status == 503 and "deleted" in await resp.text()
+    # A pause now would be written to the deleted file and be gone at the restart: refused.
+    async with aiohttp.ClientSession() as session, session.post(
+            f"http://{d.address}/v1.0/sync.custom.pause", json={"syncJobId": "a"},
+            headers={"Authorization": f"Bearer {key}"}) as resp:
+        answer = await resp.json()
+        assert resp.status == 503 and "restart" in answer["error"]["msg"], answer
     polls = len(upstream.hits("/a"))
     await asyncio.sleep(1.6)  # more than the 1 s interval (with its 10% jitter)
     assert len(upstream.hits("/a")) <= polls + 1  # at most a poll already under way
