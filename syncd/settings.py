@@ -80,6 +80,11 @@ def parse_listen(value: str) -> tuple[str, int]:
             raise ValueError(f"{host!r} in brackets is not an IPv6 address (e.g. [::1]:9731), got {value!r}") from None
     elif ":" in host:
         raise ValueError(f"write an IPv6 address in brackets, e.g. [::1]:9731, got {value!r}")
+    elif host and all(c.isdigit() or c == "." for c in host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv4 address, got {value!r}") from None
     return host, int(port)
 
 

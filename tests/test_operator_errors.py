@@ -263,3 +263,13 @@ async def test_status_in_a_shell_without_the_services_variables_calls_no_file_in
     assert rc == 0 and "emp" in out and "invalid" not in out and "warning" not in err, out + err
     rc, _, err = await run_cli("check", "--config-dir", str(conf_dir))  # check still wants them: it checks for run
     assert rc == 78 and "${HR_TOKEN} is not set" in err
+
+
+@pytest.mark.parametrize("listen, reason", [
+    ("999.1.1.1:80", "'999.1.1.1' is not an IPv4 address"),
+    ("[zz]:9731", "'zz' in brackets is not an IPv6 address"),
+])
+async def test_a_listen_address_that_cannot_be_bound_fails_check(listen, reason, conf_dir):
+    rc, _, err = await run_cli("check", "--config-dir", str(conf_dir), env=cli_env(SYNCD_LISTEN=listen))
+    assert rc == 78 and f"SYNCD_LISTEN (environment): listen: {reason}" in err
+    assert_clean(err)
