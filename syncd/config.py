@@ -10,6 +10,7 @@ import ipaddress
 import os
 import re
 import tomllib
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,8 +53,18 @@ class _Model(BaseModel):
                 choices = info.validation_alias.choices if isinstance(info.validation_alias, AliasChoices) else []
                 given = [c for c in choices if isinstance(c, str) and c in data]
                 if len(given) > 1:
-                    raise ValueError(f"{' and '.join(given)} are the same key; keep one")
+                    found = _spellings.get()
+                    if found is None:
+                        raise ValueError(f"{' and '.join(given)} are the same key; keep one")
+                    # Noted, and the first spelling validated: the file's other problems still show.
+                    found.append(Problem("", given[0], f"{' and '.join(given)} are the same key; keep one"))
+                    data = {k: v for k, v in data.items() if k not in given[1:]}
         return data
+
+
+#: Set by parse_definition: where _Model notes keys written in two spellings (instead of stopping
+#: the validation there, which would hide every other problem of the file).
+_spellings: ContextVar[list[Problem] | None] = ContextVar("_spellings", default=None)
 
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
@@ -500,10 +511,15 @@ def parse_definition(data: Any, settings: Settings, *, source: str, default_id: 
     resolver = _Resolver(source, lenient=lenient_vars)
     resolved = resolver.resolve(data, "")
     problems = resolver.problems + _pair_problems(source, resolved)
+    spellings: list[Problem] = []
+    token = _spellings.set(spellings)
     try:
         spec = SyncSpec.model_validate(resolved, context={"allow_insecure_webhooks": settings.allow_insecure_webhooks})
     except ValidationError as exc:
         problems += problems_from_validation(exc, source)
+    finally:
+        _spellings.reset(token)
+    problems += [Problem(source, p.key, p.reason) for p in spellings]
     if not problems:
         problems += _resolved_problems(source, spec)
     if problems:

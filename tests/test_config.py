@@ -8,7 +8,7 @@ import pytest
 
 from syncd.config import load_dir
 from syncd.errors import ConfigError
-from syncd.settings import load_settings
+from syncd.settings import Settings, load_settings
 
 from conftest import cli_env, run_cli
 
@@ -232,3 +232,17 @@ def test_a_key_and_its_knit_alias_together_are_an_error(conf_dir):
                                      '[api_details]\nbase_url = "https://a.example.com"\n')
     syncs, problems = load(conf_dir)
     assert syncs == {} and any("webhook_url and webhookURL" in p.reason for p in problems), problems
+
+
+def test_a_key_in_two_spellings_does_not_hide_the_files_other_problems(tmp_path):
+    conf = tmp_path / "conf.d"
+    conf.mkdir()
+    (conf / "d.toml").write_text('webhookURL = "http://127.0.0.1:9/h"\nwebhook_url = "http://127.0.0.1:9/h"\n'
+                                 'typo = 1\ninterval = "0s"\n[api_details]\nbaseUrl = "https://x.example"\n'
+                                 'base_url = "ftp://x"\n')
+    _, problems = load_dir(Settings(config_dir=conf, state_path=tmp_path / "s.db"))
+    reasons = {p.key: p.reason for p in problems}
+    assert reasons["webhook_url"] == "webhook_url and webhookURL are the same key; keep one"
+    assert reasons["base_url"] == "base_url and baseUrl are the same key; keep one"
+    # The rest is checked as if only the first spelling were there: base_url is "ftp://x".
+    assert {"typo", "interval", "api_details.base_url"} <= set(reasons) and len(problems) == 5, problems
