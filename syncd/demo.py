@@ -135,9 +135,13 @@ async def run_demo(args: argparse.Namespace) -> int:
             'path = "/api/v1/employees"\n'
         )
         overrides = {k[len("setting_"):]: v for k, v in vars(args).items() if k.startswith("setting_")}
+        # Everything with state or reach beyond the demo is its own, whatever the environment or the
+        # settings file say: SYNCD_STATE_URL or SYNCD_API_CONFIG_DIR exported for the real daemon
+        # must not let the demo poll real syncs or overwrite their fingerprints.
         overrides = {"log_level": "warning", "listen": "127.0.0.1:0", **overrides,
-                     "config_dir": conf, "state_path": Path(tmp) / "state.db", "webhook_secret": secret,
-                     "webhook_retry_schedule": ["1s", "2s", "5s"]}
+                     "config_dir": conf, "state_path": Path(tmp) / "state.db", "state_url": None,
+                     "api_config_dir": Path(tmp) / "api.d", "api_keys": [], "integrations": {},
+                     "webhook_secret": secret, "webhook_retry_schedule": ["1s", "2s", "5s"]}
         settings = load_settings(overrides, getattr(args, "settings", None) or _no_settings(tmp))
         logs.configure(settings.log_format, settings.log_level)
         daemon = Daemon(settings)

@@ -54,12 +54,18 @@ def test_console_logs_on_a_terminal_json_otherwise():
     assert "hidden" not in pipe.getvalue()
 
 
-async def test_demo_runs_and_stops_by_itself():
+async def test_demo_runs_and_stops_by_itself(upstream, tmp_path):
+    # The real daemon's environment exported in the same shell (a state server, an API-created
+    # sync) must not reach the demo: it has state of its own and polls only its fake API.
+    api_dir = tmp_path / "api.d"
+    api_dir.mkdir()
+    write_sync(api_dir, "production", upstream.url)
+    env = cli_env(SYNCD_STATE_URL="postgresql://root@127.0.0.1:1/production", SYNCD_API_CONFIG_DIR=str(api_dir))
     proc = await asyncio.create_subprocess_exec(
         # The fake API changes every 2 intervals (±30%): in 4.5 s at 1 s (the shortest interval)
         # there are one or two changes to notice.
         sys.executable, "-m", "syncd", "demo", "--duration", "4.5", "--interval", "1s",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=cli_env(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     text = out.decode()
@@ -69,6 +75,7 @@ async def test_demo_runs_and_stops_by_itself():
     assert all("signature ok" in h for h in hooks)
     assert any("delta_sync" in h for h in hooks), text  # the fake API changed and syncd noticed
     assert "stopped" in text
+    assert upstream.requests == []
 
 
 async def test_next_poll_time_survives_a_restart(upstream, receiver, conf_dir, state_path, inproc_daemons, monkeypatch):
