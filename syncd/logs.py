@@ -17,6 +17,28 @@ def _redact_headers(_logger, _name, event: dict) -> dict:
     return event
 
 
+class _FromStdlib(logging.Handler):
+    """Records of libraries that log through the logging module (aiohttp's server, asyncio) as
+    structlog events: one JSON line like every other, never a multi-line traceback. aiohttp's
+    errors name only their type: its messages quote the raw request line or header, which may
+    be an Authorization header."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict = {"logger": record.name}
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                detail = "" if record.name.startswith("aiohttp") else ": " + " ".join(str(exc).split())[:200]
+                fields["error"] = type(exc).__name__ + detail
+            level = record.levelname.lower() if record.levelno < logging.CRITICAL else "critical"
+            if record.exc_info and type(record.exc_info[1]).__module__ == "aiohttp.http_exceptions":
+                level = "warning"  # a client's malformed request: its problem, not syncd's
+            getattr(structlog.get_logger("syncd.lib"), level, structlog.get_logger("syncd.lib").error)(
+                record.getMessage(), **fields)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
 def configure(log_format: str = "auto", level: str = "info", stream=None) -> None:
     """Configure structlog for the process. `auto` means console on a TTY, JSON lines otherwise."""
     stream = stream or sys.stderr
@@ -40,6 +62,12 @@ def configure(log_format: str = "auto", level: str = "info", stream=None) -> Non
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    # Warnings and errors of libraries, as Python's last-resort handler showed them before, but as
+    # one structlog line each.
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not isinstance(h, _FromStdlib)]
+    handler = _FromStdlib(level=max(logging.WARNING, getattr(logging, level.upper())))
+    root.addHandler(handler)
 
 
 def get_logger(**bound):

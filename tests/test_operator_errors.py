@@ -273,3 +273,24 @@ async def test_a_listen_address_that_cannot_be_bound_fails_check(listen, reason,
     rc, _, err = await run_cli("check", "--config-dir", str(conf_dir), env=cli_env(SYNCD_LISTEN=listen))
     assert rc == 78 and f"SYNCD_LISTEN (environment): listen: {reason}" in err
     assert_clean(err)
+
+
+async def test_a_malformed_request_to_the_listener_is_one_json_line_without_its_headers(conf_dir, state_path, daemons):
+    key = "supersecretapikey1234567"
+    d = await daemons("--config-dir", str(conf_dir), "--state-path", str(state_path), env=cli_env(SYNCD_API_KEYS=key))
+    host, port = d.address.rsplit(":", 1)
+    for raw in (b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+                b"GET /v1.0/sync.custom.list HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode() + b"\x01\r\n\r\n"):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(raw)
+        assert (await asyncio.wait_for(reader.read(100), 10)).startswith(b"HTTP/1.")
+        writer.close()
+    for _ in range(100):
+        if len([e for e in d.logs if e.get("logger") == "aiohttp.server"]) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert await d.stop() == 0
+    bad = [e for e in d.logs if e.get("logger") == "aiohttp.server"]
+    assert len(bad) == 2 and all(e["level"] == "warning" and e["error"] == "BadHttpMessage" for e in bad), d.logs
+    assert not [e for e in d.logs if e.get("raw")], d.logs  # every line JSON
+    assert key not in repr(d.logs)
