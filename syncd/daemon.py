@@ -560,6 +560,8 @@ class Daemon:
             await asyncio.sleep(interval)
 
     def _status_line(self) -> str:
+        if self._state_lost is not None:  # what `systemctl status` must keep showing until a restart
+            return f"{self._state_lost}; restart syncd"
         running = self._scheduler.running_polls() if self._scheduler else 0
         return (f"{len(self.syncs)} syncs, {running} polling, {self._pending_total} webhooks pending, "
                 f"{self._dead_total} dead")
@@ -577,7 +579,7 @@ class Daemon:
                   hint="restart syncd to open the file now at state_path (restore it from a backup first if it was "
                        "deleted by mistake); until then nothing is polled and /readyz answers 503")
         if self._scheduler is not None:
-            self._scheduler.update({})
+            self._scheduler.update({}, why="state database lost")
         self.notifier.status(self._state_lost)
 
     @property

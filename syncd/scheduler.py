@@ -72,8 +72,9 @@ class Scheduler:
     def running_polls(self) -> int:
         return sum(e.polling for e in self._entries.values())
 
-    def update(self, syncs: dict[str, Sync], *, startup: bool = False) -> None:
-        """Start, change and stop loops so that exactly `syncs` are polled."""
+    def update(self, syncs: dict[str, Sync], *, startup: bool = False, why: str = "sync removed or paused") -> None:
+        """Start, change and stop loops so that exactly `syncs` are polled. `why`: the reason the
+        log gives for those that stop."""
         for sync_id in list(self._entries):
             if sync_id not in syncs:
                 entry = self._entries.pop(sync_id)
@@ -81,7 +82,7 @@ class Scheduler:
                 entry.reschedule.set()  # a running poll finishes; the loop then ends
                 if entry.task is not None and not entry.task.done():
                     self._retiring[sync_id] = entry.task
-                log.info("polling stopped (sync removed or paused); state and pending webhooks kept", sync=sync_id)
+                log.info(f"polling stopped ({why}); state and pending webhooks kept", sync=sync_id)
         for sync_id, sync in syncs.items():
             entry = self._entries.get(sync_id)
             if entry is None:

@@ -306,6 +306,15 @@ async def test_systemd_notify_protocol(upstream, receiver, conf_dir, state_path,
         assert abs(usec / 1e6 - __import__("time").monotonic()) < 30
         assert messages.index(reloading) < max(i for i, m in enumerate(messages) if "READY=1" in m)
 
+        # The state file lost under the daemon: `systemctl status` keeps saying so (the periodic
+        # status line must not cover it), and the log says why polling stopped.
+        state_path.unlink()
+        await wait_for(lambda: any("STATUS=" in m and "deleted" in m for m in messages), timeout=10)
+        lost_at = len(messages)
+        await wait_for(lambda: sum(m.startswith("STATUS=") for m in messages[lost_at:]) >= 1, timeout=10)
+        assert "deleted" in [m for m in messages if m.startswith("STATUS=")][-1]
+        assert d.events("polling stopped (state database lost); state and pending webhooks kept")
+
         assert await d.stop() == 0
         assert any("STOPPING=1" in m for m in messages)
     finally:
