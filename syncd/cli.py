@@ -40,6 +40,7 @@ _COMMAND_SETTINGS = {
     "reset": {"api_config_dir"},
     "deliveries": set(),
     "demo": {"log_format", "log_level"},
+    "secret": None,  # uses none: every flag accepted, none listed
 }
 
 
@@ -48,16 +49,18 @@ def _settings_parser(command: str | None = None) -> argparse.ArgumentParser:
     case. Unset flags stay out of the namespace."""
     parser = argparse.ArgumentParser(add_help=False)
     wanted = _COMMAND_SETTINGS.get(command) if command else None
+    none = command is not None and wanted is None  # the command uses no setting
     group = parser.add_argument_group(_SETTINGS_HELP_GROUP)
     group.add_argument("--settings", metavar="FILE", default=argparse.SUPPRESS,
-                       help="settings file (TOML); default /etc/syncd/syncd.toml if it exists, or SYNCD_SETTINGS_FILE")
+                       help=argparse.SUPPRESS if none else
+                       "settings file (TOML); default /etc/syncd/syncd.toml if it exists, or SYNCD_SETTINGS_FILE")
     from pydantic_core import PydanticUndefined
 
     from syncd.settings import Settings
     from syncd.units import format_duration
 
     for name, info in Settings.model_fields.items():
-        hidden = wanted is not None and name not in wanted | {"config_dir", "state_path", "state_url"}
+        hidden = none or wanted is not None and name not in wanted | {"config_dir", "state_path", "state_url"}
         if name == "integrations":
             continue  # tables: the settings file only
         flag = "--" + name.replace("_", "-")
@@ -176,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", default="2s", metavar="DURATION", help="poll interval of the demo sync (default 2s)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("secret", help="print a new random webhook signing secret (whsec_...)",
+    p = sub.add_parser("secret", parents=[flags["secret"]], help="print a new random webhook signing secret (whsec_...)",
                        description="Print a fresh Standard Webhooks secret: whsec_ followed by base64 of 32 random bytes.")
     p.set_defaults(func=cmd_secret)
     return parser

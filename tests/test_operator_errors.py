@@ -185,7 +185,8 @@ async def test_credentials_written_into_a_definition_are_scrubbed_from_errors(up
 async def test_every_setting_is_a_flag_of_every_command(conf_dir, state_path, tmp_path):
     for args in (("status", "--api-config-dir", str(tmp_path / "api.d")),
                  ("deliveries", "list", "--log-level", "debug", "--webhook-concurrency", "4"),
-                 ("reset", "nope", "--api-config-dir", str(tmp_path / "api.d"))):
+                 ("reset", "nope", "--api-config-dir", str(tmp_path / "api.d")),
+                 ("secret", "--log-level", "debug")):
         rc, _, err = await run_cli(*args, "--config-dir", str(conf_dir), "--state-path", str(state_path))
         assert rc in (0, 2) and "unrecognized arguments" not in err, (args, err)
     _, out, _ = await run_cli("deliveries", "list", "--help")
