@@ -27,6 +27,13 @@ def test_settings_reference_lists_every_setting():
     assert table_keys("settings") == set(Settings.model_fields)
 
 
+def test_the_sample_settings_file_shows_every_setting():
+    text = (ROOT / "etc" / "syncd.toml").read_text()
+    missing = [name for name in Settings.model_fields
+               if f"# {name} =" not in text and not (name == "integrations" and "# [integrations." in text)]
+    assert missing == []
+
+
 def test_shipped_examples_are_valid(tmp_path, monkeypatch):
     for var in ("HR_TOKEN", "SUPPORT_API_KEY", "GITHUB_TOKEN", "STRIPE_API_KEY", "CMS_API_KEY", "ORDERS_CLIENT_SECRET"):
         monkeypatch.setenv(var, "x")
