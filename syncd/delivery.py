@@ -61,6 +61,21 @@ class Outcome:
     gone: bool = False
 
 
+#: Seconds between two warnings about one sync's failing receiver.
+WARN_EVERY = 300.0
+
+
+def receiver_of(url: str) -> str:
+    """A webhook URL's host:port, for logs: its path and query may hold a token."""
+    from yarl import URL
+
+    try:
+        u = URL(url)
+        return f"{u.host}:{u.port}"
+    except (ValueError, TypeError):
+        return "(unparsable URL)"
+
+
 def next_delay(attempts: int, schedule: list[float], retry_after: float | None, rnd: random.Random = random._inst) -> float | None:
     """Delay before the next attempt after `attempts` failed attempts; None when the schedule is exhausted."""
     if attempts > len(schedule):
@@ -91,6 +106,9 @@ class Deliverer:
         self.drain_timeout = drain_timeout
         self._claimed: set[int] = set()  # seqs claimed from the store and not yet settled
         self._claims_by_sync: Counter[str] = Counter()
+        #: When a sync's failing receiver was last warned about: a warning every WARN_EVERY at
+        #: most, the attempts in between at info (a receiver down for an hour is one line, not 10,000).
+        self._warned_at: dict[str, float] = {}
         self._busy_by_sync: Counter[str] = Counter()
         self._shared_cap = max(1, concurrency * 3 // 4)
         self._due_syncs: list[str] = []
@@ -449,13 +467,20 @@ class Deliverer:
             self.failed_attempts += 1
             if metrics is not None and metrics.known(e.sync_id):
                 metrics.delivery_failures.labels(e.sync_id).inc()
+            receiver = receiver_of(e.webhook_url)
             if delay is None:
                 log.warning("event is now a dead letter", sync=e.sync_id, event_id=e.event_id, record_id=e.record_id,
-                            attempts=attempts, error=o.error,
+                            attempts=attempts, error=o.error, receiver=receiver,
                             hint="replay with: syncd deliveries replay --event " + e.event_id)
+            elif time.monotonic() - self._warned_at.get(e.sync_id, -WARN_EVERY) >= WARN_EVERY:
+                self._warned_at[e.sync_id] = time.monotonic()
+                log.warning("webhook receiver failing; its events wait and are retried", sync=e.sync_id,
+                            receiver=receiver, error=o.error, event_id=e.event_id, retry_in=round(delay, 3),
+                            hint=f"syncd deliveries list --sync {e.sync_id} shows what waits; nothing is lost "
+                                 "before the retry schedule ends")
             else:
                 log.info("delivery failed; will retry", sync=e.sync_id, event_id=e.event_id, attempts=attempts,
-                         retry_in=round(delay, 3), error=o.error)
+                         retry_in=round(delay, 3), error=o.error, receiver=receiver)
 
     def _release(self, events: list[PendingEvent]) -> None:
         for e in events:

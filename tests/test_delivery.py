@@ -11,6 +11,8 @@ import time
 
 import orjson
 import pytest
+import structlog
+import structlog.testing
 
 from syncd.config import load_dir
 from syncd.delivery import Deliverer, Target, next_delay
@@ -137,11 +139,17 @@ async def test_retries_until_the_receiver_recovers_and_keeps_record_order(upstre
         return None
 
     receiver.respond = respond
-    async with Rig(upstream, receiver, conf_dir, state_path, schedule=[0.05] * 5) as rig:
-        first = await rig.poll([{"id": 1, "v": 1}, {"id": 2, "v": 1}])
-        first_id = next(e["eventId"] for e in first if e["recordId"] == "1")
-        await rig.poll([{"id": 1, "v": 2}, {"id": 2, "v": 2}])
-        await wait_for(lambda: len(receiver.delivered()) == 4)
+    with structlog.testing.capture_logs() as logs:
+        async with Rig(upstream, receiver, conf_dir, state_path, schedule=[0.05] * 5) as rig:
+            first = await rig.poll([{"id": 1, "v": 1}, {"id": 2, "v": 1}])
+            first_id = next(e["eventId"] for e in first if e["recordId"] == "1")
+            await rig.poll([{"id": 1, "v": 2}, {"id": 2, "v": 2}])
+            await wait_for(lambda: len(receiver.delivered()) == 4)
+    # One warning for the outage, naming the receiver (host:port only), not one per attempt.
+    failing = [e for e in logs if e["event"].startswith("webhook receiver failing")]
+    port = receiver.url.split(":")[2].split("/")[0]
+    assert len(failing) == 1 and failing[0]["log_level"] == "warning" and failing[0]["receiver"] == f"127.0.0.1:{port}"
+    assert [e["log_level"] for e in logs if e["event"] == "delivery failed; will retry"] == ["info", "info"]
     to_one = [r for r in receiver.received if r["event"]["recordId"] == "1"]
     # Four attempts of the first event (same eventId every time), then the second one.
     assert [r["event"]["eventId"] for r in to_one[:4]] == [first_id] * 4
