@@ -21,7 +21,7 @@ import xxhash
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from yarl import URL
 
-from syncd.errors import Problem
+from syncd.errors import Problem, scrub  # noqa: F401 - scrub is syncd.config's too
 from syncd.events import ALL_EVENTS, DEFAULT_EVENTS
 from syncd.jsonpath import JsonPath, compile_path
 from syncd.settings import Settings, problems_from_validation, toml_problem
@@ -541,8 +541,8 @@ def parse_definition(data: Any, settings: Settings, *, source: str, default_id: 
             ignore_paths=tuple(compile_path(text) for text in spec.ignore_fields),
             shape=shape,
             digest=digest,
-            secrets=frozenset(resolver.secrets | _literal_secrets(spec)
-                              | (spec.api_details.auth.secret_values() if spec.api_details.auth else set())),
+            secrets=secret_variants(resolver.secrets | _literal_secrets(spec)
+                                    | (spec.api_details.auth.secret_values() if spec.api_details.auth else set())),
         ),
         [],
     )
@@ -629,12 +629,20 @@ def _scrub_problems(problems: list[Problem], secrets: set[str]) -> list[Problem]
     return [Problem(p.source, p.key, scrub(p.reason, secrets)) for p in problems]
 
 
-def scrub(text: str, secrets: set[str] | frozenset[str]) -> str:
-    """`text` with every secret value replaced by ***."""
-    for secret in sorted(secrets, key=len, reverse=True):
-        if len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
+def secret_variants(values: set[str]) -> frozenset[str]:
+    """`values` and the forms an API or a library may echo them in: JSON-escaped (\\/, \\u...),
+    percent-encoded (as yarl writes a query, and with + for spaces). An error quoting any of them
+    must not show the credential."""
+    from urllib.parse import quote, quote_plus
+
+    out = set()
+    for value in values:
+        if not value:
+            continue
+        json = orjson.dumps(value).decode()[1:-1]
+        out |= {value, json, json.replace("/", "\\/"), quote(value, safe=""), quote(value, safe="/"),
+                quote_plus(value), quote_plus(value, safe="/"), URL.build(query={"k": value}).raw_query_string[2:]}
+    return frozenset(out)
 
 
 def declared_id(path: Path) -> str:

@@ -63,3 +63,11 @@ class CommitError(RunError):
     """The run's result could not be committed (the state changed under it); nothing was written."""
 
     stage = "commit"
+
+
+def scrub(text: str, secrets: set[str] | frozenset[str]) -> str:
+    """`text` with every secret value replaced by ***."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from syncd import __version__
+from syncd.errors import scrub
 
 if TYPE_CHECKING:
     from syncd.webhook_client import WebhookClient
@@ -45,17 +46,24 @@ def describe_error(exc: BaseException, timeout: float | None, timeout_name: str 
     return f"{type(exc).__name__}: {exc}"
 
 
-async def error_snippet(resp: aiohttp.ClientResponse) -> str:
-    """The start of an error body, which often says why (`{"error":"invalid token"}`)."""
+SNIPPET = 200  # characters of an error body quoted in an error
+
+
+async def error_snippet(resp: aiohttp.ClientResponse, secrets: frozenset[str] = frozenset()) -> str:
+    """The start of an error body, which often says why (`{"error":"invalid token"}`), without
+    `secrets`: read far enough past the cut that a secret the cut would halve is masked whole."""
+    extra = min(4096, max(map(len, secrets), default=0))
     try:
-        return snippet_text(await resp.content.read(200))
+        return snippet_text(await resp.content.read(SNIPPET + extra), secrets)
     except (TimeoutError, aiohttp.ClientError):
         return ""
 
 
-def snippet_text(data: bytes) -> str:
-    """`: <the bytes as one line of text>` to append to an error, or "" for an empty body."""
-    text = " ".join(data.decode("utf-8", "replace").split())
+def snippet_text(data: bytes, secrets: frozenset[str] = frozenset()) -> str:
+    """`: <the bytes as one line of text>` to append to an error, or "" for an empty body:
+    `secrets` masked first, then cut to SNIPPET characters."""
+    text = scrub(data.decode("utf-8", "replace"), secrets)
+    text = " ".join(text.split())[:SNIPPET]
     return f": {text}" if text else ""
 
 

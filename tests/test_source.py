@@ -638,3 +638,62 @@ async def test_tls_verify_false_is_a_warning_and_a_missing_ca_file_an_error(upst
     code, out, err = await run_cli("check", "--config-dir", str(other), "--state-path", str(state_path))
     assert code == 78, (out, err)
     assert "private.toml" in err and "ca_file" in err and str(missing) in err
+
+
+async def test_a_credential_echoed_cut_escaped_or_encoded_is_masked(conf_dir, state_path, monkeypatch):
+    """Echoed where the 200-character excerpt would cut it, JSON-escaped, or percent-encoded as
+    a library writes a URL: still the credential."""
+    key = "sk_live/4eC39HqLyjWDarjtT1zdp7dc+x=="
+    monkeypatch.setenv("ECHO_KEY", key)
+
+    async def handler(request):
+        got = request.headers.get("X-Api-Key", "")
+        how = request.path.strip("/")
+        if how == "cut":
+            return web.Response(status=401, text="x" * 185 + " key=" + got + " " + "y" * 300)
+        if how == "escaped":
+            return web.json_response({"error": "bad key", "key": got}, status=401,
+                                     dumps=lambda v: orjson.dumps(v).decode().replace("/", "\\/"))
+        return web.Response(status=401, text="bad key in " + str(request.url))  # percent-encoded, in a URL
+
+    runner, port = await serve(handler)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for how in ("cut", "escaped", "query"):
+            path = f"/{how}" + ("?api_key=${ECHO_KEY}" if how == "query" else "")
+            write(conf_dir, how, url, path=path, api_extra='headers = { X-Api-Key = "${ECHO_KEY}" }')
+        async with Engine(conf_dir, state_path) as engine:
+            runs = {how: await engine.poll(how) for how in ("cut", "escaped", "query")}
+    finally:
+        await runner.cleanup()
+    for how, run in runs.items():
+        assert not run.ok and "401" in run.error and "***" in run.error, (how, run.error)
+        for fragment in ("4eC39Hq", "Lyjw", "dp7dc", "sk_live"):
+            assert fragment not in run.error, (how, run.error)
+
+
+async def test_a_content_length_that_lies_costs_no_memory_up_front(conf_dir, state_path):
+    import tracemalloc
+
+    async def lie(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 90000000\r\n\r\n[")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(lie, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        write(conf_dir, "lie", f"http://127.0.0.1:{port}")
+        async with Engine(conf_dir, state_path) as engine:
+            tracemalloc.start()
+            try:
+                run = await engine.poll("lie")
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert not run.ok and "90000000" in run.error, run.error
+    assert peak < 50 * 2**20, f"{peak / 2**20:.0f} MiB traced for a 1-byte body"

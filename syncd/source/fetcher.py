@@ -272,7 +272,7 @@ class Fetch:
                             url = target
                             continue
                         if not 200 <= resp.status < 300:
-                            snippet = await error_snippet(resp)
+                            snippet = await error_snippet(resp, self.sync.secrets | self._tokens)
                             return Response(resp.status, resp.reason or "", resp.headers, url, snippet=snippet)
                         body = await self._read(resp, where)
                         return Response(resp.status, resp.reason or "", resp.headers, url, body)
@@ -289,20 +289,18 @@ class Fetch:
             raise FetchError(f"{where}: response of {resp.content_length} bytes exceeds {cap}; "
                              "raise the setting if this is expected")
         if resp.content_length is not None and not resp.headers.get("Content-Encoding"):
-            # Length known and checked: read straight into a buffer of that size, so the body is
-            # never held twice (chunks plus their join): a 30 MB body peaks at 30 MB, not 60.
-            body = bytearray(resp.content_length)
-            view = memoryview(body)
-            filled = 0
+            # Length known and checked: read into one growing buffer, so the body is never held
+            # twice (chunks plus their join): a 30 MB body peaks at 30 MB, not 60. Grown as bytes
+            # arrive, not allocated from the header: a Content-Length of 1 GB over a body of one
+            # byte must not cost 1 GB (large blocks grow in place, by mremap).
+            declared = resp.content_length
+            body = bytearray()
             async for chunk in resp.content.iter_any():
-                end = filled + len(chunk)
-                if end > len(body):
-                    raise FetchError(f"{where}: the response is longer than its Content-Length ({len(body)} bytes)")
-                view[filled:end] = chunk
-                filled = end
-            view.release()
-            if filled != len(body):
-                raise _Transient(f"the response ended after {filled} of its {len(body)} bytes")
+                if len(body) + len(chunk) > declared:
+                    raise FetchError(f"{where}: the response is longer than its Content-Length ({declared} bytes)")
+                body += chunk
+            if len(body) != declared:
+                raise _Transient(f"the response ended after {len(body)} of its {declared} bytes")
         else:
             chunks: list[bytes] = []
             size = 0
