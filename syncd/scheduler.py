@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from syncd.config import Sync
+from syncd.source.ratelimit import PollSlot
 
 log = structlog.get_logger("syncd.scheduler")
 
@@ -131,7 +132,7 @@ class Scheduler:
                     start = entry.last_start or time.time()
                     delay = max(0.0, start + entry.sync.spec.interval - time.time())
                     continue
-            async with self._slots:
+            async with PollSlot(self._slots):
                 if entry.removed:
                     return
                 entry.polling = True

@@ -423,6 +423,36 @@ async def test_scheduler_does_not_poll_again_before_a_long_retry_after(scripted,
     assert scripted.hits[1] - scripted.hits[0] >= 1.9
 
 
+async def test_a_poll_waiting_out_a_retry_after_gives_its_slot_to_other_syncs(scripted, upstream, conf_dir, state_path):
+    # One poll slot; sync a's API says "come back in 3 s" (within its interval, so a waits in the
+    # run). Sync b must be polled meanwhile, not after a's wait.
+    scripted.answers = [(503, {"Retry-After": "3"}, {"error": "busy"}), (200, {}, LIST)]
+    upstream.body = LIST
+    write(conf_dir, "a", scripted.url, extra='interval = "1h"', retry=f"retries = 1\n{FAST_RETRY}")
+    write(conf_dir, "b", upstream.url, extra='interval = "1h"')
+    async with Engine(conf_dir, state_path) as engine:
+        done: dict[str, float] = {}
+
+        async def run_poll(sync):
+            result = await poll(sync, engine.store, engine.source)
+            done[sync.id] = time.monotonic()
+            return result
+
+        syncs = engine.syncs()
+        scheduler = Scheduler(run_poll, max_concurrent=1)
+        scheduler.update({"a": syncs["a"]})
+        try:
+            scheduler.trigger("a")
+            await wait_for(lambda: scripted.hits, timeout=5)  # a holds the slot, and waits
+            scheduler.update(syncs)
+            scheduler.trigger("b")
+            await wait_for(lambda: len(done) == 2, timeout=10)
+        finally:
+            await scheduler.stop()
+    assert scripted.hits[0] < done["b"] < scripted.hits[0] + 2.0, "b waited for a's Retry-After"
+    assert done["a"] - scripted.hits[0] >= 2.9
+
+
 # -- rate_limit and max_requests_per_host -----------------------------------------------------------
 
 async def test_rate_limit_spaces_the_requests_of_a_paginated_run(conf_dir, state_path):

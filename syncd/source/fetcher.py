@@ -6,7 +6,6 @@ FetchError, and the caller must then change nothing: a partial list never looks 
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +20,7 @@ from yarl import URL
 from syncd.config import Sync, parse_rate, safe_url, scrub
 from syncd.errors import FetchError
 from syncd.http import describe_error, error_snippet, parse_retry_after
+from syncd.source import ratelimit
 from syncd.source.auth import TokenCache, make_auth
 from syncd.source.paginate import PageRequest, PageView, Paginator, next_page_hint
 from syncd.source.ratelimit import HostLimiter, TokenBucket
@@ -244,7 +244,7 @@ class Fetch:
             if wait is None:
                 wait = min(retry.max_backoff, retry.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
             attempt += 1
-            await asyncio.sleep(wait)
+            await ratelimit.wait(wait)  # the poll's slot is given back meanwhile
 
     async def _post_plain(self, url: URL, *, data: Any, headers: dict[str, str]) -> Response:
         """A token request: the sync's retries and host limit, without its API credentials."""

@@ -6,8 +6,56 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 
 from yarl import URL
+
+#: Waits shorter than this keep the poll's slot: giving it back and taking it again costs more.
+IDLE_AFTER = 1.0
+
+
+class PollSlot:
+    """One of max_concurrent_polls, held by a poll while it runs, and given back while the poll
+    only waits for its API (a Retry-After, a backoff, its rate limit): syncs whose APIs throttle
+    must not keep every other sync from polling for as long as their APIs ask."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots = slots
+        self.held = False
+        self._token = None
+
+    async def __aenter__(self) -> PollSlot:
+        await self._slots.acquire()
+        self.held = True
+        self._token = _current.set(self)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        _current.reset(self._token)
+        if self.held:
+            self.held = False
+            self._slots.release()
+
+    async def idle(self, seconds: float) -> None:
+        self.held = False
+        self._slots.release()
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            await self._slots.acquire()  # cancelled meanwhile: not held, and __aexit__ knows it
+            self.held = True
+
+
+_current: ContextVar[PollSlot | None] = ContextVar("poll_slot", default=None)
+
+
+async def wait(seconds: float) -> None:
+    """asyncio.sleep for a poll: a longer wait gives the poll's slot back meanwhile."""
+    slot = _current.get()
+    if slot is None or not slot.held or seconds < IDLE_AFTER:
+        await asyncio.sleep(seconds)
+    else:
+        await slot.idle(seconds)
 
 
 class TokenBucket:
@@ -22,10 +70,10 @@ class TokenBucket:
     async def acquire(self) -> None:
         async with self._lock:
             now = time.monotonic()
-            wait = self._next - now
+            delay = self._next - now
             self._next = max(now, self._next) + 1.0 / self.rate
-        if wait > 0:
-            await asyncio.sleep(wait)
+        if delay > 0:
+            await wait(delay)
 
 
 class HostLimiter:
