@@ -67,14 +67,20 @@ def snippet_text(data: bytes, secrets: frozenset[str] = frozenset()) -> str:
     return f": {text}" if text else ""
 
 
+#: The longest Retry-After honoured (a sync's longest interval): an API asking for ten years, or
+#: for a 400-digit number of seconds, must not silence a sync for good.
+MAX_RETRY_AFTER = 7 * 86400.0
+
+
 def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP date; None when absent or unreadable."""
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date, at most MAX_RETRY_AFTER;
+    None when absent or unreadable."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():  # not "²", which isdigit() takes and float() refuses
+        return min(float(value[:12]) if len(value) <= 12 else MAX_RETRY_AFTER, MAX_RETRY_AFTER)
     try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
+        return min(max(0.0, parsedate_to_datetime(value).timestamp() - now), MAX_RETRY_AFTER)
     except (TypeError, ValueError, IndexError, OverflowError):
         return None

@@ -727,3 +727,14 @@ async def test_a_content_length_that_lies_costs_no_memory_up_front(conf_dir, sta
         await server.wait_closed()
     assert not run.ok and "90000000" in run.error, run.error
     assert peak < 50 * 2**20, f"{peak / 2**20:.0f} MiB traced for a 1-byte body"
+
+
+def test_retry_after_is_bounded_and_never_crashes():
+    from syncd.http import MAX_RETRY_AFTER, parse_retry_after
+
+    now = time.time()
+    assert parse_retry_after("²", now) is None  # str.isdigit() says yes, float() says no
+    assert parse_retry_after("9" * 400, now) == MAX_RETRY_AFTER  # not inf: the sync polls again
+    assert parse_retry_after("315360000", now) == MAX_RETRY_AFTER == 7 * 86400
+    assert parse_retry_after("Wed, 21 Oct 2099 07:28:00 GMT", now) == MAX_RETRY_AFTER
+    assert parse_retry_after("-3", now) is None and parse_retry_after(" 10 ", now) == 10.0
