@@ -738,3 +738,26 @@ def test_retry_after_is_bounded_and_never_crashes():
     assert parse_retry_after("315360000", now) == MAX_RETRY_AFTER == 7 * 86400
     assert parse_retry_after("Wed, 21 Oct 2099 07:28:00 GMT", now) == MAX_RETRY_AFTER
     assert parse_retry_after("-3", now) is None and parse_retry_after(" 10 ", now) == 10.0
+
+
+async def test_a_token_with_control_characters_fails_the_run_cleanly_and_is_not_kept(conf_dir, state_path):
+    tokens = []
+
+    async def handler(request):
+        if request.path == "/oauth/token":
+            tokens.append(1)
+            return web.json_response({"access_token": "abc\r\nX-Injected: 1", "expires_in": 3600})
+        return web.json_response(LIST)
+
+    runner, port = await serve(handler)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        write(conf_dir, "s", url, auth=(f'type = "oauth2_client_credentials"\ntoken_url = "{url}/oauth/token"\n'
+                                        f'client_id = "c"\nclient_secret = "{CLIENT_SECRET}"'))
+        async with Engine(conf_dir, state_path) as engine:
+            first, second = await engine.poll("s"), await engine.poll("s")
+    finally:
+        await runner.cleanup()
+    for run in (first, second):
+        assert not run.ok and "not a usable bearer token" in run.error and "internal error" not in run.error, run.error
+    assert len(tokens) == 2  # asked again: a broken token is never cached

@@ -123,6 +123,11 @@ class OAuth2ClientCredentials(Auth):
                 raise TypeError
         except (orjson.JSONDecodeError, KeyError, TypeError):
             raise FetchError(f"{where}: the answer has no access_token (expected JSON with access_token and expires_in)") from None
+        if not token.isascii() or not token.isprintable() or " " in token.strip() or token != token.strip():
+            # It goes into an Authorization header: CR/LF or NUL would break every request (and
+            # must never be cached), and RFC 6750's token68 has no spaces.
+            raise FetchError(f"{where}: the access_token is not a usable bearer token (control characters, spaces or "
+                             "non-ASCII characters in it)")
         expires_in = answer.get("expires_in") if isinstance(answer, dict) else None
         if isinstance(expires_in, str) and expires_in.isdigit():
             expires_in = int(expires_in)
