@@ -358,6 +358,10 @@ async def test_redirects_are_followed_only_on_the_same_origin(conf_dir, state_pa
             raise web.HTTPFound("/new")
         if request.path == "/away":
             raise web.HTTPFound(f"http://127.0.0.1:{other_port}/data")
+        if request.path == "/userinfo":  # same origin, with credentials of its choosing
+            return web.Response(status=302, headers={"Location": f"http://evil@127.0.0.1:{port}/new"})
+        if request.path == "/badport":
+            return web.Response(status=302, headers={"Location": f"http://127.0.0.1:{port}:99/new"})
         assert request.headers["X-Api-Key"] == "apikey-secret-123"
         return web.json_response(SEED)
 
@@ -369,9 +373,16 @@ async def test_redirects_are_followed_only_on_the_same_origin(conf_dir, state_pa
             followed = await h.poll()
             write_sync(conf_dir, "employees", base, path="/away", api_extra='headers = { "X-Api-Key" = "${KEY}" }')
             refused = await h.poll()
+            odd = []
+            for path in ("/userinfo", "/badport"):
+                write_sync(conf_dir, "employees", base, path=path, api_extra='headers = { "X-Api-Key" = "${KEY}" }')
+                odd.append(await h.poll())
     finally:
         await runner.cleanup()
         await other.cleanup()
     assert followed.ok and len(followed.events) == 2
     assert not refused.ok and "another origin" in refused.error and "base_url" in refused.error
+    # Odd Locations fail the run as fetch errors, never as internal errors.
+    assert not odd[0].ok and "credentials in it" in odd[0].error, odd[0].error
+    assert not odd[1].ok and "no usable URL" in odd[1].error and "internal" not in odd[1].error, odd[1].error
     assert seen_elsewhere == []  # the API key never left the API's host

@@ -262,7 +262,14 @@ class Fetch:
                     async with session.request(method, url, headers=headers, data=data, timeout=self.timeout,
                                                allow_redirects=False, ssl=self.ssl) as resp:
                         if resp.status in _REDIRECTS and "Location" in resp.headers:
-                            target = url.join(URL(resp.headers["Location"]))
+                            try:
+                                target = url.join(URL(resp.headers["Location"]))
+                                target.port  # noqa: B018 - a port that is no number raises here
+                            except (ValueError, TypeError):
+                                raise FetchError(f"{where} answered HTTP {resp.status} with a Location that is no "
+                                                 "usable URL; not followed") from None
+                            if target.user is not None or target.password is not None:
+                                raise FetchError(f"{where} redirects to a URL with credentials in it; not followed")
                             if (target.scheme, target.host, target.port) != (url.scheme, url.host, url.port):
                                 raise FetchError(
                                     f"{where} redirects to another origin ({target.scheme}://{target.host}:{target.port}); "
