@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     max_requests_per_host: int = Field(8, ge=1, le=1024, description="Requests in flight at once to one API host (host:port) across all syncs, token requests included.")
     allow_insecure_webhooks: bool = Field(False, description="Allow http:// webhook URLs to non-loopback hosts.")
     shutdown_timeout: Duration = Field(10.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight polls and deliveries may take to finish; what is left stays queued.")
-    max_response_bytes: ByteSize = Field(ByteSize(1024**3), gt=0, description="Largest API response accepted (after decompression; a paginated sync's pages together); larger fails the run. 1GiB holds 1M records of ~300 bytes; a sync that size needs ~3 GB of memory per run. Accepts 256MiB, 1GB, ...")
+    max_response_bytes: ByteSize = Field(ByteSize(1024**3), gt=0, description="Largest API response accepted (after decompression; a paginated sync's pages together); larger fails the run. Memory per run grows with the records too: ~1.4 GB for 1M records of ~300 bytes, ~0.6 KB per record however small. Accepts 256MiB, 1GB, ...")
     per_sync_histograms: bool = Field(False, description="Give the poll and delivery duration histograms a sync label (13 series a sync each); off, they count all syncs together, which keeps /metrics small with thousands of syncs.")
     api_keys: Annotated[list[SecretStr], NoDecode, BeforeValidator(_split_keys)] = Field(
         default_factory=list, description="Keys of the Knit-compatible control API under /v1.0/ (off while empty): JSON or comma-separated, or $CREDENTIALS_DIRECTORY/api_keys with one key a line. A flag shows in ps: prefer the credential.")
