@@ -10,7 +10,9 @@ What it does: POST with a body, keep-alive pooled per (scheme, host, port), http
 proxies, redirects (a 3xx is a response like any other), compression, pipelining. Timeouts are the
 caller's: cancel the task; a cancelled request's connection is closed, never reused. Every failure to
 get a response is a `WebhookError` whose message is one line naming host and port only, never the
-URL's path, query or credentials.
+URL's path, query or credentials. What is read of a response is bounded whatever the receiver sends:
+a status line and headers over MAX_HEAD fail the request; a body beyond MAX_DRAIN, and trailers or
+chunk framing beyond MAX_HEAD, are not read on (the status stands, the connection is closed).
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ from yarl import URL
 
 KEEPALIVE = 15.0  # seconds a connection may stay idle before it is closed (aiohttp's default)
 MAX_DRAIN = 64 * 1024  # body bytes read to keep a connection reusable; beyond, it is closed instead
+# Bytes of a response that are not body (status line, headers, informational responses before it,
+# chunk framing, trailers). The parser keeps a partial header line itself, so without a cap a
+# receiver that never ends one has it buffered until webhook_timeout (234 MB in 10 s). 64 KiB is
+# Python's http.client line limit and eight times aiohttp's per-field limit: a webhook receiver's
+# answer uses a few hundred bytes of it, and 256 connections can never hold more than 16 MiB.
+MAX_HEAD = 64 * 1024
 SNIPPET = 200  # bytes of an error body kept for the message
 ROUTES_KEPT = 1024  # parsed URLs kept
 
@@ -111,14 +119,37 @@ class _Connection(asyncio.Protocol):
             self.reusable = False
             self.close()
             return
-        self.received += len(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._end(keep=False)  # 101: not HTTP any more; the status is the outcome
-        except httptools.HttpParserError as exc:
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            self._fail(f"invalid HTTP response from {self.route.where}: {reason}")
+        while True:
+            # Fed at most up to the cap of what is not body, so the parser never holds more of a head.
+            room = MAX_HEAD - (self.received - self.body_bytes)
+            if room <= 0:
+                self._too_long()
+                return
+            piece = data if len(data) <= room else data[:room]
+            self.received += len(piece)
+            try:
+                self.parser.feed_data(piece)
+            except httptools.HttpParserUpgrade:
+                self._end(keep=False)  # 101: not HTTP any more; the status is the outcome
+                return
+            except httptools.HttpParserError as exc:
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+                self._fail(f"invalid HTTP response from {self.route.where}: {reason}")
+                return
+            if piece is data or self.closed:
+                return
+            data = data[len(piece):]
+            if self.complete:  # more bytes after the response: the connection's state is unknown
+                self.reusable = False
+                self.close()
+                return
+
+    def _too_long(self) -> None:
+        if self.headers_done and self.status >= 200:
+            self._end(keep=False)  # endless trailers or chunk framing: the status is the answer
+        else:
+            self._fail(f"invalid HTTP response from {self.route.where}: the status line and headers exceed "
+                       f"{MAX_HEAD // 1024} KiB")
 
     def eof_received(self) -> bool:
         self._lost(None)

@@ -352,3 +352,102 @@ async def test_https_to_a_plain_http_receiver(hook):
     async with WebhookClient(1) as client:
         with pytest.raises(WebhookError, match=rf"^cannot connect to 127.0.0.1:{port}: TLS handshake failed: "):
             await client.post(f"https://127.0.0.1:{port}/hook", b"{}")
+
+
+class Endless:
+    """A receiver that answers every request with `start`, then `filler` again and again: a response
+    that never ends (up to `most` bytes, then it waits for the client to close)."""
+
+    def __init__(self, start: bytes, filler: bytes, most: int = 64 * 1024 * 1024) -> None:
+        self.start_bytes, self.filler, self.most = start, filler, most
+        self.closed_by_client = asyncio.Event()
+
+    async def serve(self) -> Endless:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n{}")
+            writer.write(self.start_bytes)
+            block = self.filler * max(1, 16384 // len(self.filler))
+            sent = 0
+            while sent < self.most:
+                writer.write(block)
+                sent += len(block)
+                await writer.drain()
+            await reader.read()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.closed_by_client.set()
+            writer.close()
+
+    async def close(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+@pytest.fixture
+async def endless():
+    servers = []
+
+    async def make(start: bytes, filler: bytes) -> Endless:
+        servers.append(await Endless(start, filler).serve())
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        await s.close()
+
+
+HEAD_LIMIT = 64 * 1024  # status line + headers of one response, as common servers cap a request's
+
+
+@pytest.mark.parametrize("start, filler", [
+    (b"HTTP/1.1 200 OK\r\nX-Long: ", b"a"),  # one header line that never ends
+    (b"HTTP/1.1 200 ", b"a"),  # nor does the status line
+    (b"HTTP/1.1 200 OK\r\n", b"X-Filler: 0123456789abcdef\r\n"),  # header after header
+    (b"", b"HTTP/1.1 100 Continue\r\n\r\n"),  # informational responses count toward the same limit
+], ids=["header-value", "status-line", "many-headers", "endless-1xx"])
+async def test_a_response_head_that_never_ends_fails_the_attempt_at_64_kib(endless, start, filler):
+    # Buffering it until webhook_timeout took 234 MB in 10 s for one connection.
+    server = await endless(start, filler)
+    async with WebhookClient(1) as client:
+        with pytest.raises(WebhookError) as failed:
+            await asyncio.wait_for(client.post(server.url, b"{}"), 2)
+        await asyncio.wait_for(server.closed_by_client.wait(), 2)
+    assert str(failed.value) == (f"invalid HTTP response from 127.0.0.1:{server.port}: the status line and headers "
+                                 "exceed 64 KiB")
+
+
+async def test_a_response_head_just_under_the_limit_is_read(raw):
+    start, end = b"HTTP/1.1 503 Busy\r\nRetry-After: 3\r\n", b"Content-Length: 4\r\n\r\n"
+    fields = b"".join(b"X-Big-%d: %s\r\n" % (i, b"v" * 8000) for i in range(7))
+    pad = HEAD_LIMIT - 16 - len(start + fields + end) - len(b"X-Pad: \r\n")
+    head = start + fields + b"X-Pad: %s\r\n" % (b"p" * pad) + end
+    assert len(head) == HEAD_LIMIT - 16
+    answer = head + b"busy"
+    server = await raw(lambda conn, req: (answer, False))
+    async with WebhookClient(1) as client:
+        for _ in range(2):
+            resp = await client.post(server.url, b"{}")
+            assert (resp.status, resp.retry_after, resp.snippet) == (503, "3", b"busy")
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize("start, filler, status", [
+    (b"HTTP/1.1 500 Error\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nerror\r\n0\r\nX-Trailer: ", b"a", 500),
+    (b"HTTP/1.1 500 Error\r\n\r\nerror", b"x", 500),  # a body delimited by the close: no end
+    (b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nerror\r\n", b"1\r\nx\r\n", 503),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000000\r\n\r\nerror", b"x", 200),
+], ids=["endless-trailer", "endless-body", "endless-tiny-chunks", "terabyte-body"])
+async def test_a_response_that_never_ends_after_its_status_gives_the_status_and_closes(endless, start, filler, status):
+    # The status is the receiver's answer; what follows it is read up to a bound, then cut off.
+    server = await endless(start, filler)
+    async with WebhookClient(1) as client:
+        resp = await asyncio.wait_for(client.post(server.url, b"{}"), 2)
+        assert resp.status == status and resp.snippet.startswith(b"error" if status != 200 else b"")
+        await asyncio.wait_for(server.closed_by_client.wait(), 2)
