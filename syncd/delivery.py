@@ -110,12 +110,15 @@ class Deliverer:
         #: most, the attempts in between at info (a receiver down for an hour is one line, not 10,000).
         self._warned_at: dict[str, float] = {}
         self._busy_by_sync: Counter[str] = Counter()
-        self._shared_cap = max(1, concurrency * 3 // 4)
         self._due_syncs: list[str] = []
         self._due_syncs_at = 0.0
         self._turn = 0  # round-robin offset over syncs
         self._store_failing = False
-        self._ready: deque[PendingEvent] = deque()  # claimed, waiting for a worker
+        # Claimed events waiting for a worker, per sync (in claim order), and how many in all.
+        self._queues: dict[str, deque[PendingEvent]] = {}
+        self._queued = 0
+        self._turns = itertools.count()
+        self._last_turn: dict[str, int] = {}  # when each sync with claims last got a worker (a turn number)
         self._deadlines: dict[asyncio.Task, float] = {}  # worker -> when its attempt times out (monotonic)
         self._expired: set[asyncio.Task] = set()  # workers cancelled by the sweep for their timeout
         self._outcomes: list[Outcome] = []  # attempts finished, not yet handed to the writer
@@ -127,6 +130,7 @@ class Deliverer:
         # persisted (claims released), a worker running low, or stop.
         self._wake = store.outbox_changed
         self._work = asyncio.Condition()
+        self._waiting = 0  # workers waiting on _work for an event they may take
         self._stopping = False
         self._settled = asyncio.Event()  # outcomes were written: a run may be fully consumed
         self._settled.set()  # look once at start (a crash may have left a run unannounced)
@@ -147,7 +151,8 @@ class Deliverer:
         finally:
             # Let in-flight attempts finish (bounded), persist what they achieved, leave the rest queued.
             self._stopping = True
-            self._ready.clear()
+            self._queues.clear()
+            self._queued = 0
             async with self._work:
                 self._work.notify_all()
             if self._in_flight:
@@ -192,17 +197,25 @@ class Deliverer:
                     self._due_syncs, self._due_syncs_at = await store.due_syncs(now), now
                 # A sync with due events and nothing claimed is starving behind the others' backlog.
                 starving = any(s not in self._claims_by_sync for s in self._due_syncs)
-                if (len(self._ready) < low or starving) and not self._store_failing:
+                found = 0
+                if (self._queued < low or starving) and not self._store_failing:
                     found = await self._refill()
-                    if found:
-                        async with self._work:
-                            self._work.notify(found)
-                        if len(self._ready) < low:
-                            continue  # there may be more right behind
-                if not self._ready and not self._in_flight and not self._claimed:
+                # Also without new events: released claims may have raised the shares (fewer syncs
+                # with work), making queued events takeable by idle workers.
+                if self._queued and self._waiting:
+                    async with self._work:
+                        self._work.notify(self._queued)
+                if found and self._queued < low:
+                    continue  # there may be more right behind
+                if not self._queued and not self._in_flight and not self._claimed:
                     due = await store.next_due()
                     if due is not None:
                         timeout = min(IDLE_RECHECK, max(0.01, due - time.time()))
+                else:
+                    # Work in hand (perhaps every worker waiting on hung receivers, so no wake-up
+                    # comes): look for syncs that became due as soon as the list may be read again,
+                    # for them to get their share of the workers as the current attempts end.
+                    timeout = min(timeout, max(0.01, self._due_syncs_at + SYNC_LIST_REFRESH - time.time()))
                 backoff = 0.5
             except StoreError as exc:
                 # The state database is unreadable (locked for long, I/O error, server away): keep trying, slowly.
@@ -228,59 +241,101 @@ class Deliverer:
         if not syncs:
             return 0
         shared = len(syncs) > 1
-        # With several syncs due, one may claim at most 3/4 of the slots, so the ready queue
-        # interleaves them instead of holding one sync's backlog.
-        cap = self._shared_cap
         start = self._turn % len(syncs)
         self._turn += 1
         order = (syncs[start:] + syncs[:start])[:MAX_SYNCS_PER_REFILL]
-        batches: list[list[PendingEvent]] = []
+        claims = self._claims_by_sync
         if shared:
-            rooms = {sid: min(BATCH, cap - self._claims_by_sync[sid]) for sid in order}
-            rooms = {sid: room for sid, room in rooms.items() if room > 0}
-            by_sync: dict[str, list[PendingEvent]] = {}
-            for event in await self.store.claim_spread(now, rooms):  # one query for all of them
-                by_sync.setdefault(event.sync_id, []).append(event)
-            batches = [by_sync[sid] for sid in order if sid in by_sync]
+            # Each sync claims up to twice its share of the workers: its share in flight and as many
+            # queued for its next turn, not its whole backlog.
+            room = 2 * self._share(len(claims.keys() | set(order)))
+            rooms = {sid: min(BATCH, room - claims[sid]) for sid in order}
+            events = await self.store.claim_spread(now, {sid: n for sid, n in rooms.items() if n > 0})
         else:
             # The store reads the rows it has claimed already again (it skips them): claim at least
             # as many as are held, so that no more than one row is read twice per new one.
-            batches.append(await self.store.claim_due(now, min(MAX_BATCH, max(BATCH, len(self._claimed)))))
-        found = 0
-        for group in itertools.zip_longest(*batches):
-            for event in group:
-                if event is None:
-                    continue
-                self._claimed.add(event.seq)
-                self._claims_by_sync[event.sync_id] += 1
-                self._ready.append(event)
-                found += 1
+            events = await self.store.claim_due(now, min(MAX_BATCH, max(BATCH, len(self._claimed))))
+        queues, claimed = self._queues, self._claimed
+        for event in events:
+            claimed.add(event.seq)
+            claims[event.sync_id] += 1
+            queue = queues.get(event.sync_id)
+            if queue is None:
+                queue = queues[event.sync_id] = deque()
+            queue.append(event)
+        found = len(events)
+        self._queued += found
         if not found:
             self._due_syncs_at = 0.0  # look again next time: the list may be stale
         return found
 
+    def _share(self, syncs: int) -> int:
+        """The most workers one of `syncs` syncs with work may hold: all of them for one sync,
+        ceil(concurrency / syncs) for several."""
+        return -(-self.concurrency // syncs) if syncs > 1 else self.concurrency
+
     def _take(self) -> PendingEvent | None:
-        """The first ready event whose sync is below its share of the workers: all of them while
-        one sync has events due, 3/4 once several do (so a sync whose receiver hangs cannot keep
-        the others out for longer than one webhook_timeout)."""
-        ready, busy = self._ready, self._busy_by_sync
-        cap = self.concurrency if len(self._due_syncs) <= 1 else self._shared_cap
-        for i, event in enumerate(ready):
-            if busy[event.sync_id] < cap:
-                del ready[i]
-                return event
-        return None
+        """The next event of the sync that holds the fewest workers, among those it may go to; on a
+        tie, of the sync whose last turn is the oldest.
+
+        The syncs with work are those with events claimed (queued, in flight, or their outcome
+        being written); a sync with due events is among them from the next refill (the feeder looks
+        for syncs with nothing claimed every time). While n syncs have work, each is guaranteed
+        concurrency // n workers and may hold at most ceil(concurrency / n): a worker goes to a sync
+        beyond its guaranteed number only if enough stay free for the others' guarantees. So the
+        workers that receivers which never answer hold are freed within one webhook_timeout and are
+        then kept for the other syncs, however many receivers hang (with more syncs than workers,
+        each sync gets one in turn). A cap of 3/4 of the workers each let two hung syncs hold all of
+        them; a cap alone lets them take the workers back whenever another sync's queue runs dry for
+        a moment (its next events wait for the outcomes of the last to be written)."""
+        queues = self._queues
+        if not queues:
+            return None
+        claims = self._claims_by_sync
+        if len(claims) == 1:  # one sync alone: all the workers are its own (a free one is below its share)
+            sync_id = next(iter(queues))
+        else:
+            busy, last = self._busy_by_sync, self._last_turn
+            cap = self._share(len(claims))
+            base = self.concurrency // len(claims)
+            reserved = 0  # free workers the syncs below their guaranteed number may still claim
+            if base:
+                for sid in claims:
+                    held = busy[sid]
+                    if held < base:
+                        reserved += base - held
+            spare = self.concurrency - self._in_flight - reserved  # this worker included
+            sync_id, best = None, None
+            for sid in queues:
+                held = busy[sid]
+                if held < base or (held < cap and spare > 0):
+                    key = (held, last.get(sid, -1))
+                    if best is None or key < best:
+                        sync_id, best = sid, key
+            if sync_id is None:
+                return None
+            last[sync_id] = next(self._turns)
+        queue = queues[sync_id]
+        event = queue.popleft()
+        if not queue:
+            del queues[sync_id]
+        self._queued -= 1
+        return event
 
     async def _worker(self) -> None:
-        work, ready, busy, outcomes = self._work, self._ready, self._busy_by_sync, self._outcomes
+        work, busy, outcomes = self._work, self._busy_by_sync, self._outcomes
         me = asyncio.current_task()
         while True:
             event = None if self._stopping else self._take()
             if event is None:
                 if self._stopping:
                     return
-                async with work:
-                    await work.wait()  # the feeder found more, or stop
+                self._waiting += 1
+                try:
+                    async with work:
+                        await work.wait()  # the feeder found more (or shares changed), or stop
+                finally:
+                    self._waiting -= 1
                 continue
             if not self.store.claim_valid(event):
                 # This instance's claim may have passed to another (its heartbeat lapsed: paused,
@@ -289,7 +344,7 @@ class Deliverer:
                 self._unsettled.append(event)
                 self._wake.set()
                 continue
-            if len(ready) < self.concurrency:
+            if self._queued < self.concurrency:
                 self._wake.set()  # running low: let the feeder look for more
             self._in_flight += 1
             busy[event.sync_id] += 1
@@ -489,3 +544,4 @@ class Deliverer:
                 self._claims_by_sync[e.sync_id] -= 1
                 if self._claims_by_sync[e.sync_id] <= 0:
                     del self._claims_by_sync[e.sync_id]
+                    self._last_turn.pop(e.sync_id, None)
