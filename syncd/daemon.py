@@ -264,7 +264,7 @@ class Daemon:
         if self._source is not None:
             self._source.forget(set(syncs))
         for sync in syncs.values():
-            self._targets[sync.id] = Target(sync.spec.webhook_url, self._secret(sync))
+            self._targets[sync.id] = Target(sync.spec.webhook_url, self._secret(sync), sync.secrets)
             self.metrics.add_sync(sync.id)
             self.metrics.interval.labels(sync.id).set(sync.spec.interval)
             self.metrics.owned.labels(sync.id).set(1 if self._owned is None or sync.id in self._owned else 0)

@@ -10,15 +10,22 @@ by another instance.
 from __future__ import annotations
 
 import asyncio
+import base64
+import functools
 import itertools
 import random
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import unquote, unquote_plus, urlsplit
 
+import orjson
 import structlog
+from yarl import URL
 
+from syncd.config import scrub
 from syncd.events import LIFECYCLE_KEY, EventType, lifecycle
 from syncd.http import describe_error, parse_retry_after, snippet_text
 from syncd.metrics import Metrics
@@ -41,6 +48,7 @@ TIMEOUT_SLACK = 0.1
 WRITE_LINGER = 0.005
 SYNC_LIST_REFRESH = 0.5  # seconds between looks at which syncs have due events
 MAX_SYNCS_PER_REFILL = 32
+SHOWN = 200  # characters of a receiver's error body, or of a redirect's Location, put in an error
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +57,8 @@ class Target:
 
     url: str | None  # None: use the URL stored with the event
     secret: str | None = field(repr=False)
+    #: Never shown in a delivery error: the sync's ${NAME} values and credentials (config.Sync.secrets).
+    secrets: frozenset[str] = field(default=frozenset(), repr=False)
 
 
 @dataclass(slots=True)
@@ -67,13 +77,62 @@ WARN_EVERY = 300.0
 
 def receiver_of(url: str) -> str:
     """A webhook URL's host:port, for logs: its path and query may hold a token."""
-    from yarl import URL
-
     try:
         u = URL(url)
         return f"{u.host}:{u.port}"
     except (ValueError, TypeError):
         return "(unparsable URL)"
+
+
+@functools.lru_cache(maxsize=256)
+def url_secrets(url: str) -> frozenset[str]:
+    """What in a webhook URL may be a credential, whatever its name: every query value and the
+    userinfo's password (its user name when there is no password: a token then), each as written,
+    as sent (normalised) and decoded, and the Basic credentials the userinfo becomes. A receiver
+    echoing the request in its error body must not put them in an error."""
+    found: set[str] = set()
+    queries = []
+    try:
+        queries.append(urlsplit(url).query)
+        u = URL(url)
+        queries.append(u.raw_query_string)
+        userinfo = [u.raw_password, u.password] if u.raw_password else [u.raw_user, u.user]
+        if u.raw_user is not None or u.raw_password is not None:  # as syncd.webhook_client sends it
+            credentials = f"{u.user or ''}:{u.password or ''}"
+            try:
+                raw = credentials.encode("latin-1")
+            except UnicodeEncodeError:
+                raw = credentials.encode()
+            userinfo.append(base64.b64encode(raw).decode())
+    except (ValueError, TypeError):
+        return frozenset()
+    found.update(v for v in userinfo if v)
+    for query in queries:
+        for part in query.replace(";", "&").split("&"):
+            value = part.partition("=")[2] if "=" in part else part
+            if value:
+                found.update((value, unquote(value), unquote_plus(value)))
+    found |= {orjson.dumps(v).decode()[1:-1] for v in found}  # as a JSON string shows it
+    return frozenset(found)
+
+
+_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)[^/]*@")
+
+
+def _location(value: str) -> str:
+    """A redirect's Location for an error: without userinfo and fragment, its query values masked."""
+    where, _, query = value.partition("#")[0].partition("?")
+    where = _USERINFO.sub(r"\1", where, count=1)
+    if query:
+        where += "?" + "&".join(f"{part.partition('=')[0]}=***" if "=" in part else "***"
+                                for part in query.split("&") if part)
+    return where
+
+
+def _shown(text: str, secrets: frozenset[str]) -> str:
+    """`text` without secrets, then cut to SHOWN characters (cut first, a secret could be left in part)."""
+    text = scrub(text, secrets)
+    return text if len(text) <= SHOWN else text[:SHOWN] + "..."
 
 
 def next_delay(attempts: int, schedule: list[float], retry_after: float | None, rnd: random.Random = random._inst) -> float | None:
@@ -413,16 +472,19 @@ class Deliverer:
         try:
             resp = await self.session.post(url, event.body, headers)
         except WebhookError as exc:
-            return Outcome(event, False, None, str(exc))
+            return Outcome(event, False, None, scrub(str(exc), target.secrets | url_secrets(url)))
         status = resp.status
         if 200 <= status < 300:
             return Outcome(event, True, status)
         retry_after = parse_retry_after(resp.retry_after, time.time()) if status in (429, 503) else None
+        # What the receiver sends back may echo the request (the URL's query, its credentials, a
+        # token in the path): errors go to the log, `syncd deliveries list` and the operator page.
+        secrets = target.secrets | url_secrets(url)
         if 300 <= status < 400:
-            where = resp.location or ""
+            where = _shown(_location(resp.location or ""), secrets)
             error = f"HTTP {status} redirect to {where!r} (redirects are not followed; fix webhook_url)"
         else:
-            error = f"HTTP {status}{snippet_text(resp.snippet)}"
+            error = f"HTTP {status}{_shown(snippet_text(resp.snippet), secrets)}"
         return Outcome(event, False, status, error, retry_after, gone=status == 410)
 
     async def _writer(self) -> None:

@@ -35,7 +35,9 @@ MAX_DRAIN = 64 * 1024  # body bytes read to keep a connection reusable; beyond, 
 # Python's http.client line limit and eight times aiohttp's per-field limit: a webhook receiver's
 # answer uses a few hundred bytes of it, and 256 connections can never hold more than 16 MiB.
 MAX_HEAD = 64 * 1024
-SNIPPET = 200  # bytes of an error body kept for the message
+# Bytes of an error body kept for the message. The deliverer shows 200 characters of it, after
+# taking secrets out: cut first, a secret echoed by the receiver could be left in part.
+SNIPPET = 1024
 ROUTES_KEPT = 1024  # parsed URLs kept
 
 

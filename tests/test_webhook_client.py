@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from syncd.http import USER_AGENT
-from syncd.webhook_client import MAX_DRAIN, WebhookClient, WebhookError
+from syncd.webhook_client import MAX_DRAIN, SNIPPET, WebhookClient, WebhookError
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -135,12 +135,12 @@ async def test_keep_alive_one_connection_for_many_posts_and_the_request_as_sent(
 
 
 async def test_basic_auth_from_the_url_and_status_headers_snippet(hook):
-    hook.respond = lambda r: web.Response(status=503, headers={"Retry-After": "7"}, text="  busy,\n try later " + "x" * 500)
+    hook.respond = lambda r: web.Response(status=503, headers={"Retry-After": "7"}, text="  busy,\n try later " + "x" * 5000)
     url = hook.url.replace("http://", "http://user:p%40ss@") + "/hook?token=t0ken"
     async with WebhookClient(1) as client:
         resp = await client.post(url, b"{}")
         assert (resp.status, resp.retry_after) == (503, "7")
-        assert resp.snippet.startswith(b"  busy,\n try later xxx") and len(resp.snippet) == 200
+        assert resp.snippet.startswith(b"  busy,\n try later xxx") and len(resp.snippet) == SNIPPET
         hook.respond = lambda r: web.Response(status=302, headers={"Location": "https://elsewhere.example/in"})
         resp = await client.post(url, b"{}")
         assert (resp.status, resp.location) == (302, "https://elsewhere.example/in")
