@@ -484,7 +484,7 @@ class Deliverer:
             where = _shown(_location(resp.location or ""), secrets)
             error = f"HTTP {status} redirect to {where!r} (redirects are not followed; fix webhook_url)"
         else:
-            error = f"HTTP {status}{_shown(snippet_text(resp.snippet), secrets)}"
+            error = f"HTTP {status}{_shown(snippet_text(resp.snippet, secrets), secrets)}"
         return Outcome(event, False, status, error, retry_after, gone=status == 410)
 
     async def _writer(self) -> None:
