@@ -52,11 +52,18 @@ SNIPPET = 200  # characters of an error body quoted in an error
 async def error_snippet(resp: aiohttp.ClientResponse, secrets: frozenset[str] = frozenset()) -> str:
     """The start of an error body, which often says why (`{"error":"invalid token"}`), without
     `secrets`: read far enough past the cut that a secret the cut would halve is masked whole."""
-    extra = min(4096, max(map(len, secrets), default=0))
+    want = SNIPPET + min(4096, max(map(len, secrets), default=0))
+    data = b""
     try:
-        return snippet_text(await resp.content.read(SNIPPET + extra), secrets)
+        while len(data) < want:  # read() gives what has arrived: a body sent in pieces needs several
+            chunk = await resp.content.read(want - len(data))
+            if not chunk:
+                break
+            data += chunk
     except (TimeoutError, aiohttp.ClientError):
-        return ""
+        if not data:
+            return ""
+    return snippet_text(data, secrets)
 
 
 def snippet_text(data: bytes, secrets: frozenset[str] = frozenset()) -> str:

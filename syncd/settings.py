@@ -104,7 +104,7 @@ class Settings(BaseSettings):
         DEFAULT_RETRY_SCHEDULE, min_length=1, description="Delays between delivery attempts (±20% jitter); after the last one an event becomes a dead letter. The default's attempts span about 5 days (at least 4 with jitter: Knit retries for 4 days)."
     )
     webhook_secret: SecretStr | None = Field(None, description="Default signing secret (whsec_...) for syncs without their own. Prefer $CREDENTIALS_DIRECTORY/webhook_secret or the environment: a flag shows in ps.")
-    max_concurrent_polls: int = Field(16, ge=1, le=1024, description="Polls running at once across all syncs. A poll waiting out a Retry-After, a backoff or its rate_limit gives its place back meanwhile.")
+    max_concurrent_polls: int = Field(16, ge=1, le=1024, description="Polls running at once across all syncs. A poll that has read nothing yet gives its place back while it waits out a Retry-After or a backoff.")
     max_requests_per_host: int = Field(8, ge=1, le=1024, description="Requests in flight at once to one API host (host:port) across all syncs, token requests included.")
     allow_insecure_webhooks: bool = Field(False, description="Allow http:// webhook URLs to non-loopback hosts.")
     shutdown_timeout: Duration = Field(10.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight polls and deliveries may take to finish; what is left stays queued.")

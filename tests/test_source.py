@@ -761,3 +761,74 @@ async def test_a_token_with_control_characters_fails_the_run_cleanly_and_is_not_
     for run in (first, second):
         assert not run.ok and "not a usable bearer token" in run.error and "internal error" not in run.error, run.error
     assert len(tokens) == 2  # asked again: a broken token is never cached
+
+
+async def test_a_poll_waiting_for_a_shared_token_keeps_its_slot(conf_dir, state_path):
+    # Two syncs of one OAuth2 client, one poll slot. a holds the client's token lock and waits out
+    # the token endpoint's Retry-After: had it given its slot back, b would take it and wait for
+    # the lock, and a for the slot, for ever.
+    calls = {"token": 0, "api": 0}
+
+    async def handler(request):
+        if request.path == "/oauth/token":
+            calls["token"] += 1
+            if calls["token"] == 1:
+                return web.json_response({"error": "busy"}, status=503, headers={"Retry-After": "1"})
+            return web.json_response({"access_token": "tok", "expires_in": 3600})
+        calls["api"] += 1
+        return web.json_response(LIST)
+
+    runner, port = await serve(handler)
+    url = f"http://127.0.0.1:{port}"
+    auth = (f'type = "oauth2_client_credentials"\ntoken_url = "{url}/oauth/token"\n'
+            f'client_id = "c"\nclient_secret = "{CLIENT_SECRET}"')
+    for name in ("a", "b"):
+        write(conf_dir, name, url, path=f"/{name}", auth=auth, extra='interval = "1h"', retry="retries = 2")
+    try:
+        async with Engine(conf_dir, state_path) as engine:
+            done = {}
+
+            async def run_poll(sync):
+                done[sync.id] = result = await poll(sync, engine.store, engine.source)
+                return result
+
+            syncs = engine.syncs()
+            scheduler = Scheduler(run_poll, max_concurrent=1)
+            scheduler.update({"a": syncs["a"]})
+            try:
+                scheduler.trigger("a")
+                await wait_for(lambda: calls["token"] >= 1, timeout=5)
+                scheduler.update(syncs)
+                scheduler.trigger("b")
+                await wait_for(lambda: len(done) == 2, timeout=8)
+            finally:
+                await scheduler.stop()
+    finally:
+        await runner.cleanup()
+    assert all(r.ok for r in done.values()) and calls["token"] == 2, (done, calls)
+
+
+async def test_a_credential_echoed_in_a_body_sent_in_pieces_is_masked_whole(conf_dir, state_path, monkeypatch):
+    secret = "tok_ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    monkeypatch.setenv("API_TOKEN", secret)
+
+    async def handler(request):
+        resp = web.StreamResponse(status=401)
+        resp.content_type = "application/json"
+        await resp.prepare(request)
+        body = '{"error": "invalid credentials: ' + request.headers["Authorization"] + '"}'
+        cut = body.index("tok_") + 10  # the excerpt's first read ends inside the token
+        await resp.write(body[:cut].encode())
+        await asyncio.sleep(0.2)
+        await resp.write(body[cut:].encode())
+        await resp.write_eof()
+        return resp
+
+    runner, port = await serve(handler)
+    try:
+        write(conf_dir, "s", f"http://127.0.0.1:{port}", api_extra='headers = { Authorization = "Bearer ${API_TOKEN}" }')
+        async with Engine(conf_dir, state_path) as engine:
+            result = await engine.poll("s")
+    finally:
+        await runner.cleanup()
+    assert not result.ok and "401" in result.error and "tok_" not in result.error, result.error

@@ -15,6 +15,7 @@ import orjson
 from yarl import URL
 
 from syncd.errors import FetchError
+from syncd.source import ratelimit
 
 #: A token is renewed this long before it expires (or a tenth of its lifetime, if shorter).
 RENEW_MARGIN = 60.0
@@ -65,7 +66,8 @@ class TokenCache:
             if token is not None and time.monotonic() < token.renew_at:
                 return token.value
             self.requests += 1
-            value, lifetime = await fetch()
+            with ratelimit.keep_slot():  # other polls of this client wait for the lock: see keep_slot
+                value, lifetime = await fetch()
             lifetime = DEFAULT_LIFETIME if lifetime is None else lifetime
             margin = min(RENEW_MARGIN, lifetime / 10)
             self.tokens[key] = _Token(value, time.monotonic() + max(0.0, lifetime - margin))

@@ -6,6 +6,7 @@ FetchError, and the caller must then change nothing: a partial list never looks 
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import AsyncIterator
@@ -244,7 +245,12 @@ class Fetch:
             if wait is None:
                 wait = min(retry.max_backoff, retry.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
             attempt += 1
-            await ratelimit.wait(wait)  # the poll's slot is given back meanwhile
+            if self.budget == self.source.max_bytes:
+                await ratelimit.wait(wait)  # nothing read yet: the poll's slot is given back meanwhile
+            else:
+                # Pages read are held meanwhile: keep the slot, so that max_concurrent_polls still
+                # bounds how many runs hold data at once.
+                await asyncio.sleep(wait)
 
     async def _post_plain(self, url: URL, *, data: Any, headers: dict[str, str]) -> Response:
         """A token request: the sync's retries and host limit, without its API credentials."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 
 from yarl import URL
@@ -47,12 +47,27 @@ class PollSlot:
 
 
 _current: ContextVar[PollSlot | None] = ContextVar("poll_slot", default=None)
+#: Set while the poll holds a lock other polls may wait for (a shared OAuth2 token's): giving the
+#: slot back then could let those polls take every slot and wait for the lock, while the holder
+#: waits for a slot.
+_keep: ContextVar[bool] = ContextVar("keep_poll_slot", default=False)
+
+
+@contextmanager
+def keep_slot():
+    """Within this block, waits keep the poll's slot (see _keep)."""
+    token = _keep.set(True)
+    try:
+        yield
+    finally:
+        _keep.reset(token)
 
 
 async def wait(seconds: float) -> None:
-    """asyncio.sleep for a poll: a longer wait gives the poll's slot back meanwhile."""
+    """asyncio.sleep for a poll: a longer wait gives the poll's slot back meanwhile, unless the
+    poll holds a lock (keep_slot)."""
     slot = _current.get()
-    if slot is None or not slot.held or seconds < IDLE_AFTER:
+    if slot is None or not slot.held or seconds < IDLE_AFTER or _keep.get():
         await asyncio.sleep(seconds)
     else:
         await slot.idle(seconds)
@@ -73,7 +88,9 @@ class TokenBucket:
             delay = self._next - now
             self._next = max(now, self._next) + 1.0 / self.rate
         if delay > 0:
-            await wait(delay)
+            # Not wait(): a paginated run waiting between pages holds the pages read so far, and
+            # max_concurrent_polls is what bounds how many such runs hold theirs at once.
+            await asyncio.sleep(delay)
 
 
 class HostLimiter:
