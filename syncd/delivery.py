@@ -171,6 +171,7 @@ class Deliverer:
         self._busy_by_sync: Counter[str] = Counter()
         self._due_syncs: list[str] = []
         self._due_syncs_at = 0.0
+        self._due_looked_at = 0.0  # when due_syncs was last read (_due_syncs_at may be reset to force a look)
         self._turn = 0  # round-robin offset over syncs
         self._store_failing = False
         # Claimed events waiting for a worker, per sync (in claim order), and how many in all.
@@ -254,6 +255,7 @@ class Deliverer:
                     await store.release(dropped)
                 if now - self._due_syncs_at > SYNC_LIST_REFRESH:
                     self._due_syncs, self._due_syncs_at = await store.due_syncs(now), now
+                    self._due_looked_at = now
                 # A sync with due events and nothing claimed is starving behind the others' backlog.
                 starving = any(s not in self._claims_by_sync for s in self._due_syncs)
                 found = 0
@@ -274,7 +276,9 @@ class Deliverer:
                     # Work in hand (perhaps every worker waiting on hung receivers, so no wake-up
                     # comes): look for syncs that became due as soon as the list may be read again,
                     # for them to get their share of the workers as the current attempts end.
-                    timeout = min(timeout, max(0.01, self._due_syncs_at + SYNC_LIST_REFRESH - time.time()))
+                    # From the last look, not from _due_syncs_at, which an empty refill resets to 0:
+                    # that made this a 10 ms loop of queries while one attempt hung.
+                    timeout = min(timeout, max(0.01, self._due_looked_at + SYNC_LIST_REFRESH - time.time()))
                 backoff = 0.5
             except StoreError as exc:
                 # The state database is unreadable (locked for long, I/O error, server away): keep trying, slowly.
@@ -296,6 +300,7 @@ class Deliverer:
         now = time.time()
         if not self._due_syncs:
             self._due_syncs, self._due_syncs_at = await self.store.due_syncs(now), now
+            self._due_looked_at = now
         syncs = self._due_syncs
         if not syncs:
             return 0

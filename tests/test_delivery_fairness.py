@@ -48,3 +48,35 @@ async def test_receivers_that_never_answer_delay_another_sync_by_one_timeout_at_
             assert took < TIMEOUT + 0.8, took
         finally:
             hang.set()
+
+
+async def test_the_feeder_does_not_spin_while_an_attempt_hangs(upstream, receiver, conf_dir, state_path):
+    # One attempt in flight and nothing else claimable: the feeder looks for newly due syncs twice
+    # a second, not in a 10 ms loop of queries.
+    hang = asyncio.Event()
+
+    async def respond(entry):
+        await hang.wait()
+
+    receiver.respond = respond
+    async with Rig(upstream, receiver, conf_dir, state_path, concurrency=4, timeout=5.0, schedule=[60]) as rig:
+        store, counts = rig.store, {"due_syncs": 0, "claim_due": 0}
+        real_due, real_claim = store.due_syncs, store.claim_due
+
+        async def due_syncs(now):
+            counts["due_syncs"] += 1
+            return await real_due(now)
+
+        async def claim_due(*args, **kwargs):
+            counts["claim_due"] += 1
+            return await real_claim(*args, **kwargs)
+
+        store.due_syncs, store.claim_due = due_syncs, claim_due
+        try:
+            await rig.poll([{"id": 1}])
+            await wait_for(lambda: rig.deliverer._in_flight == 1, timeout=3)
+            before = dict(counts)
+            await asyncio.sleep(1.0)  # a window to count in: nothing is to happen
+            assert all(counts[k] - before[k] <= 6 for k in counts), (before, counts)
+        finally:
+            hang.set()
