@@ -114,12 +114,12 @@ def redact_url(url: str) -> str:
     if sep:
         authority, slash, path = rest.partition("/")
         userinfo, at, host = authority.rpartition("@")
-        if at and ":" in userinfo:
-            authority = userinfo.split(":", 1)[0] + ":***@" + host
+        if at:  # user:password, or a token as the user name alone
+            authority = (userinfo.split(":", 1)[0] + ":***@" if ":" in userinfo else "***@") + host
         base = scheme + sep + authority + slash + path
     if question:
-        query = "&".join(f"{name}=***" if value else part
-                         for part in query.split("&") for name, _, value in [part.partition("=")])
+        query = "&".join(f"{name}=***" if value else ("***" if part and not sep else part)
+                         for part in query.split("&") for name, sep, value in [part.partition("=")])
     return base + question + query + hash_ + fragment
 
 

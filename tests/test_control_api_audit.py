@@ -271,3 +271,11 @@ async def test_processed_counts_the_skipped_records_of_a_byte_identical_response
     assert data[0]["outcome"] == "changed" and data[-1]["outcome"] == "unchanged"
     assert [p["skipped"] for p in data] == [2] * len(data), data
     assert [p["recordsProcessed"] for p in data] == [2] * len(data), data
+
+
+def test_redact_url_masks_a_token_as_user_name_and_a_bare_query():
+    from syncd.api import redact_url
+
+    assert redact_url("https://TOKEN123@hooks.example/x") == "https://***@hooks.example/x"
+    assert redact_url("https://u:pw@h/x?s3cr3tvalue&a=1&b=") == "https://u:***@h/x?***&a=***&b="
+    assert redact_url("https://h/plain/path") == "https://h/plain/path"
