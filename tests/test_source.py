@@ -431,26 +431,33 @@ async def test_a_poll_waiting_out_a_retry_after_gives_its_slot_to_other_syncs(sc
     write(conf_dir, "a", scripted.url, extra='interval = "1h"', retry=f"retries = 1\n{FAST_RETRY}")
     write(conf_dir, "b", upstream.url, extra='interval = "1h"')
     async with Engine(conf_dir, state_path) as engine:
-        done: dict[str, float] = {}
+        done = await poll_a_then_b(engine, lambda: scripted.hits, timeout=10)  # a holds the slot, and waits
+    assert scripted.hits[0] < done["b"][0] < scripted.hits[0] + 2.0, "b waited for a's Retry-After"
+    assert done["a"][0] - scripted.hits[0] >= 2.9
 
-        async def run_poll(sync):
-            result = await poll(sync, engine.store, engine.source)
-            done[sync.id] = time.monotonic()
-            return result
 
-        syncs = engine.syncs()
-        scheduler = Scheduler(run_poll, max_concurrent=1)
-        scheduler.update({"a": syncs["a"]})
-        try:
-            scheduler.trigger("a")
-            await wait_for(lambda: scripted.hits, timeout=5)  # a holds the slot, and waits
-            scheduler.update(syncs)
-            scheduler.trigger("b")
-            await wait_for(lambda: len(done) == 2, timeout=10)
-        finally:
-            await scheduler.stop()
-    assert scripted.hits[0] < done["b"] < scripted.hits[0] + 2.0, "b waited for a's Retry-After"
-    assert done["a"] - scripted.hits[0] >= 2.9
+async def poll_a_then_b(engine: Engine, a_started, *, timeout: float) -> dict[str, tuple[float, Any]]:
+    """Syncs a and b under one poll slot: a first, and b once `a_started()` says a holds the
+    slot. When each poll ended (monotonic) and its result, once both have."""
+    done: dict[str, tuple[float, Any]] = {}
+
+    async def run_poll(sync):
+        result = await poll(sync, engine.store, engine.source)
+        done[sync.id] = (time.monotonic(), result)
+        return result
+
+    syncs = engine.syncs()
+    scheduler = Scheduler(run_poll, max_concurrent=1)
+    scheduler.update({"a": syncs["a"]})
+    try:
+        scheduler.trigger("a")
+        await wait_for(a_started, timeout=5)
+        scheduler.update(syncs)
+        scheduler.trigger("b")
+        await wait_for(lambda: len(done) == 2, timeout=timeout)
+    finally:
+        await scheduler.stop()
+    return done
 
 
 # -- rate_limit and max_requests_per_host -----------------------------------------------------------
@@ -786,26 +793,10 @@ async def test_a_poll_waiting_for_a_shared_token_keeps_its_slot(conf_dir, state_
         write(conf_dir, name, url, path=f"/{name}", auth=auth, extra='interval = "1h"', retry="retries = 2")
     try:
         async with Engine(conf_dir, state_path) as engine:
-            done = {}
-
-            async def run_poll(sync):
-                done[sync.id] = result = await poll(sync, engine.store, engine.source)
-                return result
-
-            syncs = engine.syncs()
-            scheduler = Scheduler(run_poll, max_concurrent=1)
-            scheduler.update({"a": syncs["a"]})
-            try:
-                scheduler.trigger("a")
-                await wait_for(lambda: calls["token"] >= 1, timeout=5)
-                scheduler.update(syncs)
-                scheduler.trigger("b")
-                await wait_for(lambda: len(done) == 2, timeout=8)
-            finally:
-                await scheduler.stop()
+            done = await poll_a_then_b(engine, lambda: calls["token"] >= 1, timeout=8)
     finally:
         await runner.cleanup()
-    assert all(r.ok for r in done.values()) and calls["token"] == 2, (done, calls)
+    assert all(result.ok for _, result in done.values()) and calls["token"] == 2, (done, calls)
 
 
 async def test_a_credential_echoed_in_a_body_sent_in_pieces_is_masked_whole(conf_dir, state_path, monkeypatch):
