@@ -9,6 +9,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+from typing import Self
 
 import pytest
 from aiohttp import web
@@ -58,7 +59,24 @@ async def hook():
         await runner.cleanup()
 
 
-class Raw:
+class _Loopback:
+    """A raw asyncio server on a loopback port; `_serve` says how it misbehaves."""
+
+    async def start(self, host: str = "127.0.0.1") -> Self:
+        self.server = await asyncio.start_server(self._serve, host, 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.url = f"http://{host}:{self.port}/hook"
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+class Raw(_Loopback):
     """A raw HTTP server for misbehaviour: `respond(connection, request)` (numbered from 0) returns the
     bytes to answer and whether to close afterwards, or None to never answer."""
 
@@ -68,12 +86,6 @@ class Raw:
         self.requests: list[bytes] = []
         self.got_request = asyncio.Event()
         self.closed_by_client = asyncio.Event()
-
-    async def start(self, host: str = "127.0.0.1") -> Raw:
-        self.server = await asyncio.start_server(self._serve, host, 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        self.url = f"http://{host}:{self.port}/hook"
-        return self
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         number, self.connections = self.connections, self.connections + 1
@@ -98,10 +110,6 @@ class Raw:
             self.closed_by_client.set()
         finally:
             writer.close()
-
-    async def close(self) -> None:
-        self.server.close()
-        await self.server.wait_closed()
 
 
 @pytest.fixture
@@ -354,19 +362,13 @@ async def test_https_to_a_plain_http_receiver(hook):
             await client.post(f"https://127.0.0.1:{port}/hook", b"{}")
 
 
-class Endless:
+class Endless(_Loopback):
     """A receiver that answers every request with `start`, then `filler` again and again: a response
     that never ends (up to `most` bytes, then it waits for the client to close)."""
 
     def __init__(self, start: bytes, filler: bytes, most: int = 64 * 1024 * 1024) -> None:
         self.start_bytes, self.filler, self.most = start, filler, most
         self.closed_by_client = asyncio.Event()
-
-    async def serve(self) -> Endless:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/hook"
-        return self
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -385,17 +387,13 @@ class Endless:
             self.closed_by_client.set()
             writer.close()
 
-    async def close(self) -> None:
-        self.server.close()
-        await self.server.wait_closed()
-
 
 @pytest.fixture
 async def endless():
     servers = []
 
     async def make(start: bytes, filler: bytes) -> Endless:
-        servers.append(await Endless(start, filler).serve())
+        servers.append(await Endless(start, filler).start())
         return servers[-1]
 
     yield make
