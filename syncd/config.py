@@ -669,12 +669,16 @@ def is_dir(path: Path) -> bool:
         return False
 
 
+#: directory_problem's answer for a directory that is not there (an optional one may not be).
+NO_DIRECTORY = "directory not found"
+
+
 def directory_problem(path: Path) -> str | None:
     """Why the definitions in directory `path` cannot be listed (None: they can). A directory
     that cannot be read must not pass for an empty one: every sync in it would be dropped."""
     try:
         if not path.is_dir():
-            return "directory not found"
+            return NO_DIRECTORY
         with os.scandir(path):
             return None
     except OSError as exc:
@@ -721,7 +725,7 @@ def load_dir(settings: Settings, *, lenient_vars: bool = False) -> tuple[dict[st
     _Resolver.lenient)."""
     config_dir = settings.config_dir
     problem = directory_problem(config_dir)
-    if problem == "directory not found":
+    if problem == NO_DIRECTORY:
         return {}, [Problem(str(config_dir), "config_dir", "directory not found; create it or set config_dir / SYNCD_CONFIG_DIR / --config-dir")]
     if problem is not None:
         return {}, [Problem(str(config_dir), "config_dir", f"{problem}; let the user syncd runs as read and enter it")]
@@ -731,7 +735,7 @@ def load_dir(settings: Settings, *, lenient_vars: bool = False) -> tuple[dict[st
     api_problem = directory_problem(settings.api_dir)
     if api_problem is None and settings.api_dir.resolve() != config_dir.resolve():
         paths += _definition_files(settings.api_dir)  # syncs created through the control API
-    elif api_problem != "directory not found":
+    elif api_problem != NO_DIRECTORY:
         problems.append(Problem(str(settings.api_dir), "api_config_dir",
                                 f"{api_problem}; the syncs created through the control API are not loaded"))
     for path in paths:
