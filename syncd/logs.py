@@ -30,11 +30,13 @@ class _FromStdlib(logging.Handler):
                 exc = record.exc_info[1]
                 detail = "" if record.name.startswith("aiohttp") else ": " + " ".join(str(exc).split())[:200]
                 fields["error"] = type(exc).__name__ + detail
-            level = record.levelname.lower() if record.levelno < logging.CRITICAL else "critical"
+            # By number, so that a library's own level names (NOTICE, ...) land on the next one below.
+            level = ("debug" if record.levelno < logging.INFO else "info" if record.levelno < logging.WARNING else
+                     "warning" if record.levelno < logging.ERROR else "error" if record.levelno < logging.CRITICAL
+                     else "critical")
             if record.exc_info and type(record.exc_info[1]).__module__ == "aiohttp.http_exceptions":
                 level = "warning"  # a client's malformed request: its problem, not syncd's
-            getattr(structlog.get_logger("syncd.lib"), level, structlog.get_logger("syncd.lib").error)(
-                record.getMessage(), **fields)
+            getattr(structlog.get_logger("syncd.lib"), level)(record.getMessage(), **fields)
         except Exception:  # pragma: no cover - logging must never raise
             self.handleError(record)
 
